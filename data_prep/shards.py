@@ -1,0 +1,253 @@
+"""On-disk token shards: writer, memory-mapped reader and validation.
+
+Layout of a prepared dataset directory:
+  meta.json              format version, dtype, vocab, tokenizer hash, per-split shard list with checksums
+  <split>_NNNNN.bin      raw little-endian tokens, EOS after every document
+  <split>_NNNNN.idx      raw little-endian int64 start offset of every document within that shard
+  tokenizer.json | chars.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .fileio import atomic_write_bytes, file_sha256
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+DEFAULT_SHARD_TOKENS = 100_000_000
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_IDX_DTYPE = np.dtype("<i8")
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """Smallest token dtype that holds every id: uint16 iff vocab_size <= 65536."""
+    if vocab_size <= 0:
+        raise DataError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    if vocab_size <= 1 << 32:
+        return "uint32"
+    raise DataError(f"vocab_size {vocab_size} does not fit uint32 token ids")
+
+
+def is_prepared(data_dir: str | os.PathLike) -> bool:
+    return (Path(data_dir) / META_FILE).is_file()
+
+
+def _np_dtype(name: str, where: str) -> np.dtype:
+    if name not in _DTYPES:
+        raise DataError(f"{where}: unknown dtype {name!r} (expected one of {sorted(_DTYPES)})")
+    return _DTYPES[name]
+
+
+class ShardWriter:
+    """Streams documents of one split into shards; `close()` returns the split's meta.json entry.
+
+    The writer appends `eos_id` after each document itself. A shard is closed once it reaches
+    `shard_tokens`, always at a document boundary (a single huge document is never cut).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, dtype: str, eos_id: int,
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        if shard_tokens <= 0:
+            raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.dtype = _np_dtype(dtype, "ShardWriter")
+        self.max_id = np.iinfo(self.dtype).max
+        if not 0 <= eos_id <= self.max_id:
+            raise DataError(f"eos_id {eos_id} does not fit {dtype}")
+        self.eos = np.array([eos_id], dtype=self.dtype)
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+        self._closed = False
+
+    def _open_shard(self) -> None:
+        name = f"{self.split}_{len(self.shards):05d}"
+        self._bin_path = self.out_dir / f"{name}.bin"
+        self._bin_tmp = self._bin_path.with_name(self._bin_path.name + ".tmp")
+        self._file = open(self._bin_tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._offsets: list[int] = []
+        self._tokens = 0
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        os.replace(self._bin_tmp, self._bin_path)
+        idx_path = self._bin_path.with_suffix(".idx")
+        idx_bytes = np.asarray(self._offsets, dtype=_IDX_DTYPE).tobytes()
+        atomic_write_bytes(idx_path, idx_bytes)
+        self.shards.append({
+            "file": self._bin_path.name,
+            "index": idx_path.name,
+            "tokens": self._tokens,
+            "docs": len(self._offsets),
+            "sha256": self._hash.hexdigest(),
+            "index_sha256": hashlib.sha256(idx_bytes).hexdigest(),
+        })
+        self._file = None
+
+    def add_document(self, token_ids) -> None:
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1:
+            raise DataError(f"{self.split}: a document must be a flat sequence of token ids, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() > self.max_id):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise DataError(f"{self.split}: token id {bad} does not fit {self.dtype.name}")
+        if self._file is None:
+            self._open_shard()
+        data = np.concatenate([ids.astype(self.dtype), self.eos]).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._offsets.append(self._tokens)
+        self._tokens += ids.size + 1
+        if self._tokens >= self.shard_tokens:
+            self._close_shard()
+
+    def close(self) -> dict:
+        """Finish the last shard and return {"tokens", "docs", "shards": [...]} for meta.json."""
+        if not self._closed:
+            if self._file is not None:
+                self._close_shard()
+            self._closed = True
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "docs": sum(s["docs"] for s in self.shards),
+            "shards": list(self.shards),
+        }
+
+    def abort(self) -> None:
+        """Close without publishing the partial shard (used when preparation fails)."""
+        if self._file is not None:
+            self._file.close()
+            self._bin_tmp.unlink(missing_ok=True)
+            self._file = None
+        self._closed = True
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """Load and sanity-check meta.json; DataError (one line, naming the path) on any problem."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory does not exist (run python -m data_prep prepare ... --out {data_dir} first)")
+    meta_path = data_dir / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing, so {data_dir} is not a prepared dataset "
+                        f"(run python -m data_prep prepare ... --out {data_dir} first)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: expected a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{meta_path}: unknown format_version {meta.get('format_version')!r} "
+                        f"(this code reads version {FORMAT_VERSION}; re-run python -m data_prep prepare)")
+    for key in ("dtype", "vocab_size", "eos_id", "tokenizer", "splits"):
+        if key not in meta:
+            raise DataError(f"{meta_path}: missing key {key!r}")
+    _np_dtype(meta["dtype"], str(meta_path))
+    return meta
+
+
+class TokenReader:
+    """Memory-mapped view of one split: the concatenation of its shards as one token stream.
+
+    Opening checks that every file exists and has the size meta.json promises (cheap, catches
+    truncation); `verify()` additionally checks the sha256 of every file (slow on big data).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.meta = read_meta(self.data_dir)
+        meta_path = self.data_dir / META_FILE
+        splits = self.meta["splits"]
+        if split not in splits:
+            raise DataError(f"{meta_path}: no split {split!r} (available: {', '.join(sorted(splits)) or 'none'})")
+        self.dtype = _np_dtype(self.meta["dtype"], str(meta_path))
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = int(self.meta["eos_id"])
+        entry = splits[split]
+        self.shards = entry["shards"]
+
+        self._tokens, self._index = [], []
+        for s in self.shards:
+            self._tokens.append(self._map(s["file"], self.dtype, s["tokens"], "tokens"))
+            self._index.append(self._map(s["index"], _IDX_DTYPE, s["docs"], "documents"))
+        counts = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
+        doc_counts = np.array([s["docs"] for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._doc_starts = np.concatenate([[0], np.cumsum(doc_counts)])
+        self.num_tokens = int(self._starts[-1])
+        self.num_docs = int(self._doc_starts[-1])
+        if self.num_tokens != entry["tokens"] or self.num_docs != entry["docs"]:
+            raise DataError(f"{meta_path}: split {split!r} totals ({entry['tokens']} tokens, {entry['docs']} docs) "
+                            f"disagree with its shards ({self.num_tokens} tokens, {self.num_docs} docs)")
+
+    def _map(self, name: str, dtype: np.dtype, count: int, what: str):
+        path = self.data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path}: shard file listed in meta.json is missing")
+        size, expect = path.stat().st_size, count * dtype.itemsize
+        if size != expect:
+            raise DataError(f"{path}: size {size} bytes disagrees with meta.json (expects {expect} bytes = "
+                            f"{count} {what} x {dtype.name})")
+        if count == 0:  # np.memmap cannot map an empty file
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the split as int64, spanning shard boundaries."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read({start}, {length}) out of range for {self.num_tokens} tokens in split {self.split!r}")
+        out = np.empty(length, dtype=np.int64)
+        pos, end = start, start + length
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while pos < end:
+            lo = pos - self._starts[shard]
+            n = min(end, self._starts[shard + 1]) - pos
+            out[pos - start:pos - start + n] = self._tokens[shard][lo:lo + n]
+            pos += n
+            shard += 1
+        return out
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document i (global index within the split), without the trailing EOS."""
+        if not 0 <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range for {self.num_docs} documents in split {self.split!r}")
+        shard = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        j = i - self._doc_starts[shard]
+        idx = self._index[shard]
+        begin = int(idx[j])
+        end = int(idx[j + 1]) if j + 1 < len(idx) else len(self._tokens[shard])
+        return np.asarray(self._tokens[shard][begin:end - 1], dtype=np.int64)
+
+    def verify(self) -> None:
+        """Check the sha256 of every shard, index and the tokenizer file against meta.json."""
+        checks = []
+        for s in self.shards:
+            checks.append((s["file"], s["sha256"]))
+            if "index_sha256" in s:
+                checks.append((s["index"], s["index_sha256"]))
+        tok = self.meta["tokenizer"]
+        checks.append((tok["file"], tok["sha256"]))
+        for name, expect in checks:
+            path = self.data_dir / name
+            if not path.is_file():
+                raise DataError(f"{path}: missing")
+            got = file_sha256(path)
+            if got != expect:
+                raise DataError(f"{path}: sha256 {got[:16]}... disagrees with meta.json ({expect[:16]}...); file is corrupt")

@@ -1,0 +1,209 @@
+"""Tokenizers: a character-level one (tiny corpora, nanoGPT's shakespeare_char) and byte-level BPE.
+
+Both expose the same small interface and persist to a single file, so a prepared dataset carries the
+exact tokenizer its shards were encoded with.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import DataError
+from .fileio import atomic_write_bytes, atomic_write_json
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer(abc.ABC):
+    kind: str
+    file_name: str
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_id(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text, special tokens included (EOS shows up as <|endoftext|>)."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the tokenizer's one file into `directory` and return its path."""
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+    file_name = "chars.json"
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise DataError(f"char tokenizer: vocabulary must be distinct single characters, got {len(chars)} entries")
+        self.chars = chars
+        self._stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1  # + EOS
+
+    @property
+    def eos_id(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self._stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            pos = next(i for i, c in enumerate(text) if c not in stoi)
+            raise DataError(
+                f"character {text[pos]!r} at position {pos} is not in the char tokenizer's "
+                f"vocabulary ({len(self.chars)} characters)") from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for i, t in enumerate(texts):
+            try:
+                out.append(self.encode(t))
+            except DataError as e:
+                raise DataError(f"text {i} of batch: {e}") from None
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        parts = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                parts.append(EOS_TOKEN)
+            elif 0 <= i < len(self.chars):
+                parts.append(self.chars[i])
+            else:
+                raise DataError(f"token id {i} is outside the char vocabulary (size {self.vocab_size})")
+        return "".join(parts)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return atomic_write_json(Path(directory) / self.file_name, {"kind": "char", "chars": self.chars})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CharTokenizer":
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+            if obj.get("kind") != "char" or not isinstance(obj.get("chars"), list):
+                raise ValueError('expected {"kind": "char", "chars": [...]}')
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: not a char tokenizer file ({e})") from None
+        return cls(obj["chars"])
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (HF `tokenizers`): every byte is in the alphabet, so any text round-trips exactly."""
+
+    kind = "bpe"
+    file_name = "tokenizer.json"
+
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+        # A literal "<|endoftext|>" inside a document must stay text, not fake a document boundary.
+        self._tok.encode_special_tokens = True
+        eos = self._tok.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise DataError(f"BPE tokenizer has no {EOS_TOKEN} token")
+        self._eos = eos
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        min_size = 256 + 1  # every byte + EOS
+        if vocab_size < min_size:
+            raise DataError(f"BPE vocab_size {vocab_size} is too small: need at least {min_size} (256 bytes + EOS)")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{path}: cannot load BPE tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Parallel across documents in Rust; much faster than one huge string (see GUIDE "Data").
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return atomic_write_bytes(Path(directory) / self.file_name, self._tok.to_str().encode("utf-8"))
+
+
+_KINDS = {cls.file_name: cls for cls in (BPETokenizer, CharTokenizer)}
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load the tokenizer saved in `directory` (a prepared dataset or a tokenizer-only directory)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: tokenizer directory does not exist")
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():  # a prepared dataset names its tokenizer file
+        try:
+            name = json.loads(meta_path.read_text(encoding="utf-8"))["tokenizer"]["file"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{meta_path}: cannot read tokenizer entry ({e!r})") from None
+        if name not in _KINDS:
+            raise DataError(f"{meta_path}: unknown tokenizer file {name!r}")
+        candidates = [name]
+    else:
+        candidates = [n for n in _KINDS if (directory / n).is_file()]
+    if not candidates:
+        raise DataError(f"{directory}: no tokenizer.json or chars.json found")
+    if len(candidates) > 1:
+        raise DataError(f"{directory}: both tokenizer.json and chars.json present; cannot tell which to use")
+    path = directory / candidates[0]
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file named in meta.json is missing")
+    return _KINDS[candidates[0]].load(path)

@@ -1,0 +1,1 @@
+"""Triton kernels (fused attention, fused LayerNorm): selected from the model config."""

@@ -1,0 +1,284 @@
+"""Typed run configuration: dataclasses loaded from TOML, overridden as `section.key=value`.
+
+Every mistake becomes a one-line `ConfigError` that names where the value came from (the file or the
+override), the key, and the closest valid key; `train.py` prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line meant for the user."""
+
+
+# GPT-2 shapes (Radford et al. 2019). Keys a config sets explicitly win over the preset's.
+PRESETS: dict[str, dict] = {
+    "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-350m": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1.5b": dict(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""  # a name from PRESETS; explicit keys override it
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    attention: str = "sdpa"  # attention implementation, see lm.model.ATTENTION
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/default"  # prepared shards (python -m data_prep); prepared from `inputs` if missing
+    inputs: list[str] = field(default_factory=list)  # files, directories or globs; ${stdlib} expands
+    exclude: list[str] = field(default_factory=list)  # globs left out of `inputs`
+    url: str = ""  # downloaded once to inputs[0] when that file is missing
+    sha256: str = ""  # checksum the download must match
+    tokenizer: str = "bpe"  # "bpe" (byte-level, HF tokenizers) or "char"
+    vocab_size: int = 8192  # tokenizer vocabulary to train (bpe)
+    val_fraction: float = 0.1
+    text_field: str = "text"  # JSONL field holding the text
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # floor of the cosine decay
+    warmup_steps: int = 100
+    decay_steps: int = 0  # steps of cosine decay after warmup; 0: until train.max_steps
+    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
+    weight_decay: float = 0.1  # applied to weight matrices and embeddings only, never biases or norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_interval: int = 250  # steps between validation runs (and checkpoints)
+    eval_iters: int = 20  # validation batches per evaluation
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bf16 autocast where supported, else fp32), "float32", "bfloat16"
+    seed: int = 1337
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between metric lines
+    progress: bool = True  # console progress bar
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+    run_name: str = ""  # defaults to the out_dir's name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+                  "log": LogConfig}
+CHOICES = {
+    ("model", "attention"): ("sdpa",),
+    ("data", "tokenizer"): ("bpe", "char"),
+    ("optim", "schedule"): ("cosine", "constant"),
+    ("train", "dtype"): ("auto", "float32", "bfloat16"),
+}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _unknown_key(where: str, section: str, key: str) -> ConfigError:
+    match = difflib.get_close_matches(key, list(_field_types(section)), n=1, cutoff=0.0)
+    hint = f" (did you mean '{section}.{match[0]}'?)" if match else ""
+    return ConfigError(f"{where}: unknown key '{section}.{key}'{hint}")
+
+
+def _field_types(section: str) -> dict[str, type]:
+    hints = typing.get_type_hints(_SECTION_TYPES[section])
+    return {f.name: hints[f.name] for f in dataclasses.fields(_SECTION_TYPES[section])}
+
+
+def _check_type(where: str, key: str, value, expected):
+    """Return `value` converted to `expected` or raise a ConfigError naming `where` and `key`."""
+    ok = False
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(expected) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        name = getattr(expected, "__name__", str(expected))
+        raise ConfigError(f"{where}: '{key}' must be {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(raw: dict, where: str, into: dict[str, dict]):
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{where}: unknown section '{section}'{_closest(section, _SECTION_TYPES)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: '{section}' must be a table of keys")
+        types = _field_types(section)
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown_key(where, section, key)
+            into[section][key] = _check_type(where, f"{section}.{key}", value, types[key])
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`section.key=value` -> (section, key, value); the value is read as TOML where the field is not a str."""
+    where = f"override '{text}'"
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"{where}: expected section.key=value (e.g. train.max_steps=100)")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"{where}: unknown section '{section}'{_closest(section, _SECTION_TYPES)}")
+    types = _field_types(section)
+    if key not in types:
+        raise _unknown_key(where, section, key)
+    raw = raw.strip()
+    if types[key] is str:
+        value = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    else:
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or only defaults when `path` is None), apply overrides, validate."""
+    values: dict[str, dict] = {name: {} for name in _SECTION_TYPES}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        _merge(raw, str(path), values)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge({section: {key: value}}, f"override '{text}'", values)
+
+    preset = values["model"].get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"{path or 'config'}: unknown model.preset '{preset}'{_closest(preset, PRESETS)}")
+        values["model"] = {**PRESETS[preset], **values["model"]}
+    cfg = Config(**{name: _SECTION_TYPES[name](**kv) for name, kv in values.items()})
+    validate(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+def validate(cfg: Config, where: str):
+    """Reject impossible values, naming the key."""
+    def bad(key, why):
+        raise ConfigError(f"{where}: {key} {why}")
+
+    for (section, key), options in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            bad(f"{section}.{key}", f"is '{value}'; choose one of {', '.join(options)}{_closest(value, options)}")
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    for key in ("block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(m, key) < 1:
+            bad(f"model.{key}", "must be >= 1")
+    if m.vocab_size < 0:
+        bad("model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
+    if m.n_embd % m.n_head:
+        bad("model.n_embd", f"= {m.n_embd} is not divisible by model.n_head = {m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        bad("model.dropout", f"= {m.dropout} must be in [0, 1)")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        bad("data.val_fraction", f"= {cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.data.vocab_size < 2:
+        bad("data.vocab_size", "must be >= 2")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        bad("optim.min_lr", f"= {o.min_lr} must be in [0, optim.lr = {o.lr}] and lr > 0")
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        bad("optim.warmup_steps", "and optim.decay_steps must be >= 0")
+    if o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
+        bad("optim.weight_decay", "optim.grad_clip must be >= 0 and optim.eps > 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        bad("optim.beta1", "and optim.beta2 must be in [0, 1)")
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", f"= {getattr(t, key)} must be >= 1")
+    if t.threads < 0:
+        bad("train.threads", "must be >= 0")
+    if cfg.log.interval < 1:
+        bad("log.interval", "must be >= 1")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal Config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_from_toml_text(text: str, where: str) -> Config:
+    """Rebuild a Config saved by `to_toml` (e.g. inside a checkpoint)."""
+    values: dict[str, dict] = {name: {} for name in _SECTION_TYPES}
+    _merge(tomllib.loads(text), where, values)
+    cfg = Config(**{name: _SECTION_TYPES[name](**kv) for name, kv in values.items()})
+    validate(cfg, where)
+    return cfg
