@@ -4,7 +4,7 @@
         model.pt        model state dict (tensors only)
         train_state.pt  optimizer state, RNG states, step and data cursor (tensors and plain values)
         config.toml     the resolved config the run used
-        meta.json       step, samples consumed, val loss, parameter count
+        checkpoint.json step, samples consumed, val loss, parameter count
         tokenizer.json  (or chars.json) the tokenizer the data was encoded with
 
 A checkpoint is built in `step_XXXXXXXX.tmp` and renamed when complete, so a killed run never leaves a
@@ -59,7 +59,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, train_state: dict, cf
     torch.save(model.state_dict(), tmp / "model.pt")
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "config.toml").write_text(to_toml(cfg))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, **meta}, indent=2))
     shutil.copyfile(tokenizer_file, tmp / Path(tokenizer_file).name)
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy

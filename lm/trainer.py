@@ -166,7 +166,8 @@ class Trainer:
         self.metrics.write({"step": self.step, "val_loss": val, "val_bpb": bpb})
         bar.write(f"step {self.step}: val loss {val:.4f} nats/token, {bpb:.4f} bits/byte")
 
-    def run(self) -> dict:
+    def run(self, stop_at_step: int | None = None) -> dict:
+        """Train to train.max_steps, or stop early after `stop_at_step` with a checkpoint written."""
         t, lg = self.cfg.train, self.cfg.log
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not lg.progress, unit="step", dynamic_ncols=True)
@@ -192,10 +193,15 @@ class Trainer:
                                         "tokens_per_s": tok_s, "samples": self.samples})
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                stopping = self.step == stop_at_step
                 if self.step % t.eval_interval == 0 or last:
                     self.log_eval(bar)
                     self.save(loss_t.item())
                     window_start, window_steps = time.perf_counter(), 0
+                elif stopping:
+                    self.save(loss_t.item())
+                if stopping:
+                    break
         finally:
             bar.close()
             self.metrics.close()

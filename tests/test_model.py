@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from lm.config import ModelConfig, load_config
+from lm.generate import filter_logits, generate
+from lm.model import GPT, KVCache
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return GPT(ModelConfig(**{**cfg, **kw}))
+
+
+def test_gpt2_124m_preset_has_exact_parameter_count():
+    cfg = load_config(None, ["model.preset=gpt2-124m"])
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_explicit_keys_override_the_preset():
+    cfg = load_config(None, ["model.preset=gpt2-124m", "model.n_layer=2"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == (2, 768, 50257)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (2, 32))
+    base, _ = model(idx)
+    for t in (0, 7, 31):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        logits, _ = model(changed)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+def test_loss_at_init_is_near_uniform():
+    model = tiny(vocab_size=1000, n_embd=64)
+    idx, targets = torch.randint(0, 1000, (2, 4, 32))  # (the tied head favours repeating the input token)
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(1000)) < 0.05
+
+
+def test_residual_projections_are_scaled_down_with_depth():
+    model = tiny(n_layer=8, n_embd=128, vocab_size=64)
+    proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert fc == pytest.approx(0.02, rel=0.05)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny()
+    idx = torch.randint(0, 97, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_forward():
+    model = tiny(bias=False).eval()
+    idx = torch.randint(0, 97, (3, 20))
+    full, _ = model(idx)
+    cache = KVCache(model.cfg, 3, 32, "cpu", torch.float32)
+    pieces = [model(idx[:, :8], cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    pieces.append(model(idx[:, 12:], cache=cache)[0])  # several tokens after a prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_cache_equals_recomputing_everything():
+    model = tiny().eval()
+    prompt = [5, 17, 3]
+    got = generate(model, prompt, 40, temperature=0)[0]  # runs past block_size: the window slides
+    seq = list(prompt)
+    for _ in range(40):
+        logits, _ = model(torch.tensor([seq[-32:]]))
+        seq.append(int(logits[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    model = tiny()
+    draw = lambda seed: generate(model, [1, 2], 30, num_samples=3, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(seed))
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    # the smallest set with mass >= 0.7 is {0.5, 0.25}; >= 0.75 is exactly reached by the same two
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0])
+    assert kept.tolist() == [True, True, False, False]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.76)[0])
+    assert kept.tolist() == [True, True, True, False]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)[0]).tolist() == [True, False, False, False]
