@@ -41,7 +41,8 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
-    attention: str = "sdpa"  # attention implementation, see lm.model.ATTENTION
+    attention: str = "sdpa"  # "sdpa" (torch) or "triton" (our fused flash attention, kernels/)
+    layernorm: str = "torch"  # "torch" or "triton" (our fused LayerNorm, kernels/)
 
 
 @dataclass
@@ -110,7 +111,8 @@ class Config:
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                   "log": LogConfig}
 CHOICES = {
-    ("model", "attention"): ("sdpa",),
+    ("model", "attention"): ("sdpa", "triton"),
+    ("model", "layernorm"): ("torch", "triton"),
     ("data", "tokenizer"): ("bpe", "char"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),

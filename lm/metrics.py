@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lm.config import Config
@@ -10,6 +11,7 @@ from lm.config import Config
 class MetricsLog:
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.start = time.perf_counter()
         if resume_step is not None:
             self._drop_after(resume_step)  # steps after the checkpoint are trained again
         elif self.path.exists():
@@ -29,10 +31,11 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict):
+        record = {**record, "wall_s": round(time.perf_counter() - self.start, 3)}  # since this process began
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "wall_s")}, step=record["step"])
 
     def close(self):
         if self.wandb is not None:

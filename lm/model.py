@@ -26,8 +26,26 @@ def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-# The attention interface: name -> fn(q, k, v, *, causal, dropout_p). Fused kernels register here.
-ATTENTION = {"sdpa": sdpa_attention}
+def triton_attention(q, k, v, *, causal: bool, dropout_p: float):
+    """Our fused flash-attention kernel (kernels/); a KV-cache step (fewer queries than keys) uses SDPA."""
+    if q.size(-2) != k.size(-2):
+        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+    from kernels.flash_attention import flash_attention  # Triton is imported only when selected
+
+    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+# The attention interface: name -> fn(q, k, v, *, causal, dropout_p), selected by model.attention.
+ATTENTION = {"sdpa": sdpa_attention, "triton": triton_attention}
+
+
+def make_layernorm(cfg: ModelConfig) -> nn.Module:
+    """nn.LayerNorm, or our fused Triton LayerNorm (same parameter names, so checkpoints interchange)."""
+    if cfg.layernorm == "triton":
+        from kernels.layer_norm import TritonLayerNorm
+
+        return TritonLayerNorm(cfg.n_embd, bias=cfg.bias)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class KVCache:
@@ -83,9 +101,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_layernorm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_layernorm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cache: KVCache | None = None):
@@ -104,7 +122,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=make_layernorm(cfg),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
@@ -123,7 +141,7 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, nn.LayerNorm):  # the Triton LayerNorm subclasses it
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
