@@ -1,4 +1,8 @@
-"""Write text from a trained model: `python sample.py RUN_DIR_OR_CHECKPOINT [--prompt TEXT] ...`."""
+"""Write text from a trained model: `python sample.py RUN_DIR_OR_CHECKPOINT [--prompt TEXT ...]`.
+
+Reads a run directory (its newest checkpoint), a checkpoint directory, or an `lm.export --format
+safetensors` directory. One sample streams to the terminal as it is generated; several print as they end.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,41 +16,106 @@ from lm.generate import generate
 from lm.model import GPT
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue; repeat for a batch of prompts (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=200, help="0 disables")
     p.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables; 1.1-1.3 is typical")
+    p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
+    p.add_argument("--at-limit", choices=("slide", "stop"), default="slide",
+                   help="at the context length: slide the window, or stop")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    args = p.parse_args(argv)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only quantization (CPU)")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal in a loop")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    ckpt = checkpoint.resolve(args.path)
+    cfg = checkpoint.load_config(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = GPT(cfg.model)
+    checkpoint.load_model(ckpt, model)
+    model.eval()
+    if args.int8:
+        from lm.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return model.to(device=device, dtype=getattr(torch, args.dtype)), tokenizer, device
+
+
+class Streamer:
+    """Prints one row's text as its tokens arrive (holding back an incomplete UTF-8 character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def __call__(self, row: int, token: int):
+        if token == self.tokenizer.eos_id:
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def run(model, tokenizer, device, args, prompts: list[str]):
+    ids = [tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts for _ in range(args.num_samples)]
+    texts = [p for p in prompts for _ in range(args.num_samples)]
+
+    def decode(tokens):
+        return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+
+    def stop(row, tokens):
+        return any(s in decode(tokens) for s in args.stop)
+
+    stream = len(ids) == 1 and not args.stop
+    if stream:
+        sys.stdout.write(texts[0])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    outputs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
+                       stop=stop if args.stop else None, at_limit=args.at_limit, generator=generator,
+                       on_token=Streamer(tokenizer) if stream else None)
+    if stream:
+        print()
+        return
+    for i, tokens in enumerate(outputs):
+        text = decode(tokens)
+        for s in args.stop:
+            text = text.split(s)[0] if s in text else text
+        if len(outputs) > 1:
+            print(f"---------- sample {i + 1}")
+        print(texts[i] + text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        ckpt = checkpoint.resolve(args.path)
-        cfg = checkpoint.load_config(ckpt)
-        tokenizer = load_tokenizer(ckpt)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
-        model = GPT(cfg.model)
-        checkpoint.load_model(ckpt, model)
-        model.to(device)
-        prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
-    except (checkpoint.CheckpointError, DataError) as e:
+        model, tokenizer, device = load_model(args)
+        if not args.interactive:
+            run(model, tokenizer, device, args, args.prompt or [""])
+            return 0
+        while True:
+            try:
+                prompt = input("\nprompt> ")
+            except EOFError:
+                return 0
+            run(model, tokenizer, device, args, [prompt.replace("\\n", "\n")])
+    except (checkpoint.CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = generate(model, prompt, args.max_new_tokens, num_samples=args.num_samples,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos_id=tokenizer.eos_id, generator=generator)
-    for i, ids in enumerate(samples):
-        text = tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
-        if args.num_samples > 1:
-            print(f"---------- sample {i + 1}")
-        print(args.prompt + text)
-    return 0
 
 
 if __name__ == "__main__":

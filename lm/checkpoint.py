@@ -39,7 +39,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint directory or a run directory (its newest checkpoint)."""
     path = Path(path)
-    if (path / "model.pt").is_file():
+    if (path / "model.pt").is_file() or (path / "model.safetensors").is_file():  # ours, or consolidated
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
@@ -95,7 +95,7 @@ def _load(path: Path):
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
 
 
 def check_shape(ckpt: Path, saved: Config, current: Config):
@@ -107,13 +107,22 @@ def check_shape(ckpt: Path, saved: Config, current: Config):
 
 
 def load_model(ckpt: Path, model: torch.nn.Module):
-    state = _load(ckpt / "model.pt")
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{ckpt / 'model.pt'}: has no tensor '{key}'")
+    """Weights from `model.pt` (a training checkpoint) or `model.safetensors` (`lm.export --format
+    safetensors`, which stores the tied head once)."""
+    path = ckpt / "model.pt"
+    if path.is_file():
+        state = _load(path)
+    else:
+        from safetensors.torch import load_file
+
+        path = ckpt / "model.safetensors"
+        state = load_file(str(path))
+        state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    for key, tensor in model.state_dict().items():
+        if state.get(key) is None:
+            raise CheckpointError(f"{path}: has no tensor '{key}'")
         if state[key].shape != tensor.shape:
-            raise CheckpointError(f"{ckpt / 'model.pt'}: '{key}' has shape {tuple(state[key].shape)}, "
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, "
                                   f"the model expects {tuple(tensor.shape)}")
     model.load_state_dict(state)
 

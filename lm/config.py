@@ -41,6 +41,7 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
+    activation: str = "gelu"  # MLP nonlinearity: "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
     attention: str = "sdpa"  # "sdpa" (torch) or "triton" (our fused flash attention, kernels/)
     layernorm: str = "torch"  # "torch" or "triton" (our fused LayerNorm, kernels/)
 
@@ -97,22 +98,45 @@ class LogConfig:
 
 
 @dataclass
+class InitConfig:
+    # where the starting weights come from: "" (random init), a run or checkpoint directory of ours,
+    # or "hf:DIR" (a local Hugging Face GPT-2-architecture directory); written `from` in TOML
+    from_: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Sections and keys as written in TOML (`from_` is `from`)."""
+        return {section: {_key(k): v for k, v in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                  "log": LogConfig}
+                  "log": LogConfig, "init": InitConfig}
+
+
+def _key(field_name: str) -> str:
+    """The TOML key of a dataclass field: a trailing underscore only dodges a Python keyword."""
+    return field_name.rstrip("_")
+
+
+def _build(values: dict[str, dict]) -> Config:
+    return Config(**{name: _SECTION_TYPES[name](**{f.name: kv[_key(f.name)]
+                                                    for f in dataclasses.fields(_SECTION_TYPES[name])
+                                                    if _key(f.name) in kv})
+                     for name, kv in values.items()})
 CHOICES = {
     ("model", "attention"): ("sdpa", "triton"),
     ("model", "layernorm"): ("torch", "triton"),
+    ("model", "activation"): ("gelu", "gelu_tanh"),
     ("data", "tokenizer"): ("bpe", "char"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
@@ -132,7 +156,7 @@ def _unknown_key(where: str, section: str, key: str) -> ConfigError:
 
 def _field_types(section: str) -> dict[str, type]:
     hints = typing.get_type_hints(_SECTION_TYPES[section])
-    return {f.name: hints[f.name] for f in dataclasses.fields(_SECTION_TYPES[section])}
+    return {_key(f.name): hints[f.name] for f in dataclasses.fields(_SECTION_TYPES[section])}
 
 
 def _check_type(where: str, key: str, value, expected):
@@ -212,7 +236,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if preset not in PRESETS:
             raise ConfigError(f"{path or 'config'}: unknown model.preset '{preset}'{_closest(preset, PRESETS)}")
         values["model"] = {**PRESETS[preset], **values["model"]}
-    cfg = Config(**{name: _SECTION_TYPES[name](**kv) for name, kv in values.items()})
+    cfg = _build(values)
     validate(cfg, str(path) if path is not None else "config")
     return cfg
 
@@ -281,6 +305,6 @@ def config_from_toml_text(text: str, where: str) -> Config:
     """Rebuild a Config saved by `to_toml` (e.g. inside a checkpoint)."""
     values: dict[str, dict] = {name: {} for name in _SECTION_TYPES}
     _merge(tomllib.loads(text), where, values)
-    cfg = Config(**{name: _SECTION_TYPES[name](**kv) for name, kv in values.items()})
+    cfg = _build(values)
     validate(cfg, where)
     return cfg

@@ -1,5 +1,9 @@
-"""Autoregressive sampling with a KV cache: temperature, top-k and top-p (nucleus) filtering."""
+"""Autoregressive sampling with a KV cache: batched prompts of different lengths (left-padded),
+temperature, top-k, top-p (nucleus), repetition penalty, EOS and caller-defined stops, and a choice at the
+context limit: stop, or slide the window (rebuilding the cache over its last three quarters)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -21,39 +25,76 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: tokens already in the sequence get their logit divided by `penalty`
+    (multiplied when negative), so they are less likely either way."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _prefill(model: GPT, tokens: torch.Tensor, pad: torch.Tensor, dtype):
+    cache = KVCache(model.cfg, tokens.size(0), model.cfg.block_size, tokens.device, dtype, pad=pad)
+    logits, _ = model(tokens, cache=cache)
+    return cache, logits[:, -1, :]
+
+
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples: int = 1,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
-    """`num_samples` continuations of `prompt` (token ids), each stopping after EOS or max_new_tokens.
-    temperature 0 is greedy. Past the context length the window slides (the cache is rebuilt)."""
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_id: int | None = None,
+             stop: Callable[[int, list[int]], bool] | None = None, at_limit: str = "slide",
+             generator: torch.Generator | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token ids), each ending at EOS (included), when `stop(row, new_tokens)`
+    says so, or after max_new_tokens. temperature 0 is greedy. `on_token(row, token)` streams them."""
+    if at_limit not in ("stop", "slide"):
+        raise ValueError(f"at_limit must be 'stop' or 'slide', got {at_limit!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the EOS id to start a document)")
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    block = model.cfg.block_size
-    tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-    cache = KVCache(model.cfg, num_samples, block, device, dtype)
-    logits, _ = model(tokens[:, -block:], cache=cache)
-    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    out = [[] for _ in range(num_samples)]
+    param = next(model.parameters())
+    device, block = param.device, model.cfg.block_size
+    longest = max(len(p) for p in prompts)
+    if longest > block and at_limit == "stop":
+        raise ValueError(f"a prompt of {longest} tokens does not fit the context of {block} tokens")
+    prompts = [p[-block:] for p in prompts]
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    B, V = len(prompts), model.cfg.vocab_size
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        for row, p in enumerate(prompts):
+            seen[row, p] = True
+    cache, last = _prefill(model, tokens, pad, param.dtype)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
     for _ in range(max_new_tokens):
-        last = logits[:, -1, :].float()
+        logits = last.float()
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         if temperature == 0:
-            nxt = last.argmax(dim=-1, keepdim=True)
+            nxt = logits.argmax(dim=-1)
         else:
-            probs = filter_logits(last / temperature, top_k, top_p).softmax(dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-        for i, t in enumerate(nxt[:, 0].tolist()):
-            if not done[i]:
-                out[i].append(t)
-        if eos_id is not None:
-            done |= nxt[:, 0] == eos_id
-            if bool(done.all()):
-                break
-        tokens = torch.cat([tokens, nxt], dim=1)
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        seen[torch.arange(B, device=device), nxt] = True
+        for row, token in enumerate(nxt.tolist()):
+            if done[row]:
+                continue
+            out[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            done[row] = token == eos_id or (stop is not None and stop(row, out[row]))
+        if all(done):
+            break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if cache.length < block:
-            logits, _ = model(nxt, cache=cache)
-        else:  # context full: slide the window and rebuild the cache
-            cache.length = 0
-            logits, _ = model(tokens[:, -block:], cache=cache)
+            last = model(nxt[:, None], cache=cache)[0][:, -1, :]
+        elif at_limit == "stop":
+            break
+        else:  # slide: keep the newest 3/4 of the window, so the rebuild is paid once per block/4 tokens
+            keep = max(1, 3 * block // 4)
+            pad = (pad - (tokens.size(1) - keep)).clamp(min=0)
+            tokens = tokens[:, -keep:]
+            cache, last = _prefill(model, tokens, pad, param.dtype)
     return out

@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from lm.config import ModelConfig
 
 
-def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float):
+def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None):
     """(B, H, T, D) queries against (B, H, S, D) keys/values; with causal and S > T the queries are the
-    last T positions (a KV cache prefix sits before them)."""
+    last T positions (a KV cache prefix sits before them). `mask` (bool, True = attend), when given,
+    already holds the causal structure (batched generation with padding)."""
     T, S = q.size(-2), k.size(-2)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if not causal or T == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if T == S:
@@ -26,16 +29,16 @@ def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def triton_attention(q, k, v, *, causal: bool, dropout_p: float):
-    """Our fused flash-attention kernel (kernels/); a KV-cache step (fewer queries than keys) uses SDPA."""
-    if q.size(-2) != k.size(-2):
-        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+def triton_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None):
+    """Our fused flash-attention kernel (kernels/); generation with a KV cache or padding uses SDPA."""
+    if q.size(-2) != k.size(-2) or mask is not None:
+        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
     from kernels.flash_attention import flash_attention  # Triton is imported only when selected
 
     return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
 
-# The attention interface: name -> fn(q, k, v, *, causal, dropout_p), selected by model.attention.
+# The attention interface: name -> fn(q, k, v, *, causal, dropout_p, mask=None), chosen by model.attention.
 ATTENTION = {"sdpa": sdpa_attention, "triton": triton_attention}
 
 
@@ -49,14 +52,31 @@ def make_layernorm(cfg: ModelConfig) -> nn.Module:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, filled as tokens are generated."""
+    """Preallocated keys and values for every layer, filled as tokens are generated. Rows of a batch may
+    be left-padded (`pad[b]` slots): padding is never attended to and positions start after it."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
+        self.length = 0  # slots filled so far
         self.max_len = max_len
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+
+    def positions(self, T: int, device):
+        pos = torch.arange(self.length, self.length + T, device=device)
+        return pos if self.pad is None else (pos[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attention_mask(self, T: int, device):
+        """None without padding; else (B, 1, T, S) bool: causal, padding hidden (a padded query sees itself
+        so its softmax stays finite; its output is never used)."""
+        if self.pad is None:
+            return None
+        S = self.length + T
+        query = torch.arange(self.length, S, device=device)[:, None]
+        key = torch.arange(S, device=device)[None, :]
+        visible = (key <= query) & (key >= self.pad[:, None, None])
+        return (visible | (key == query))[:, None]
 
     def update(self, layer: int, k, v):
         """Store this step's k, v for `layer`; return all keys and values so far."""
@@ -75,13 +95,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = ATTENTION[cfg.attention]
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -90,7 +110,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -106,8 +126,8 @@ class Block(nn.Module):
         self.ln_2 = make_layernorm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache: KVCache | None = None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -158,10 +178,13 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size = {self.cfg.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if cache is None:
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos, mask = cache.positions(T, idx.device), cache.attention_mask(T, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -18,6 +18,7 @@ from data_prep import DataError, TokenReader
 from lm import checkpoint
 from lm.config import Config, ConfigError, to_toml
 from lm.data import SampleStream, ensure_prepared
+from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
 from lm.metrics import MetricsLog
 from lm.model import GPT
 from lm.optim import build_optimizer, lr_at
@@ -106,11 +107,26 @@ class Trainer:
             if self.device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
-        elif resume:
-            print(f"--resume: {self.run_dir} has no checkpoint yet, starting from step 0", flush=True)
+        else:
+            if resume:
+                print(f"--resume: {self.run_dir} has no checkpoint yet, starting from step 0", flush=True)
+            if self.cfg.init.from_:
+                self._init_weights(self.cfg.init.from_)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
         self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if resume else None)
+
+    def _init_weights(self, source: str):
+        """Start from pretrained weights (init.from): a checkpoint of ours or a HF GPT-2 directory."""
+        if source.startswith("hf:"):
+            directory = Path(source[3:])
+            check_hf_shape(directory, read_hf_config(directory), self.cfg.model)
+            load_hf_weights(directory, self.model)
+        else:
+            ckpt = checkpoint.resolve(source)
+            checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
+            checkpoint.load_model(ckpt, self.model)
+        print(f"initialized weights from {source}", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -77,20 +77,58 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def greedy_without_cache(model, prompt, n, keep):
+    """Recompute the whole window for every token; slide it like generate() does at the context limit."""
+    seq, start, block = list(prompt), 0, model.cfg.block_size
+    for _ in range(n):
+        if len(seq) - start > block:
+            start = len(seq) - keep
+        logits, _ = model(torch.tensor([seq[start:]]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
 def test_greedy_generation_with_cache_equals_recomputing_everything():
     model = tiny().eval()
-    prompt = [5, 17, 3]
-    got = generate(model, prompt, 40, temperature=0)[0]  # runs past block_size: the window slides
-    seq = list(prompt)
-    for _ in range(40):
-        logits, _ = model(torch.tensor([seq[-32:]]))
-        seq.append(int(logits[0, -1].argmax()))
-    assert got == seq[len(prompt):]
+    assert generate(model, [[5, 17, 3]], 25, temperature=0)[0] == greedy_without_cache(model, [5, 17, 3], 25, 24)
+    # past the context limit (block 32) the window slides and the cache is rebuilt
+    assert generate(model, [[5, 17, 3]], 70, temperature=0)[0] == greedy_without_cache(model, [5, 17, 3], 70, 24)
+
+
+def test_context_limit_can_stop_instead_of_sliding():
+    model = tiny().eval()
+    out = generate(model, [[1] * 30], 10, temperature=0, at_limit="stop")[0]
+    assert len(out) == 3  # slots 31 and 32 fill the context; the token sampled from slot 32 is the last
+    with pytest.raises(ValueError, match="does not fit"):
+        generate(model, [[1] * 40], 5, at_limit="stop")
+
+
+def test_a_batch_of_prompts_gives_the_same_tokens_as_each_prompt_alone():
+    model = tiny().eval()
+    prompts = [[4], [9, 8, 7, 6, 5, 4, 3], [11, 12, 13]]
+    batched = generate(model, prompts, 40, temperature=0)  # runs past the context: sliding with padding
+    assert batched == [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny().eval()
+    sampled = generate(model, [[3, 1, 4]], 20, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert sampled == generate(model, [[3, 1, 4]], 20, temperature=0)
+
+
+def test_eos_and_stop_end_a_row_and_repetition_penalty_avoids_repeats():
+    model = tiny().eval()
+    free = generate(model, [[2, 2]], 12, temperature=0)[0]
+    eos = free[4]
+    assert generate(model, [[2, 2]], 12, temperature=0, eos_id=eos)[0] == free[:free.index(eos) + 1]
+    assert generate(model, [[2, 2]], 12, temperature=0, stop=lambda row, toks: len(toks) == 3)[0] == free[:3]
+    strict = generate(model, [[2, 2]], 30, temperature=0, repetition_penalty=1e9)[0]
+    assert 2 not in strict and len(set(strict)) == len(strict)
 
 
 def test_sampling_with_a_seed_is_reproducible():
     model = tiny()
-    draw = lambda seed: generate(model, [1, 2], 30, num_samples=3, temperature=1.0,
+    draw = lambda seed: generate(model, [[1, 2]] * 3, 30, temperature=1.0,
                                  generator=torch.Generator().manual_seed(seed))
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)

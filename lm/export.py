@@ -1,0 +1,102 @@
+"""Export a checkpoint: `python -m lm.export RUN_OR_CKPT --format hf|safetensors OUT_DIR`.
+
+`hf` writes a directory that transformers' AutoModelForCausalLM and AutoTokenizer load with no network
+(config.json, model.safetensors, tokenizer files, generation_config.json). `safetensors` writes our own
+single-file weights beside the resolved config and the tokenizer: a directory sample.py and init.from read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from data_prep import DataError, load_tokenizer
+from lm import checkpoint
+from lm.config import to_toml
+from lm.hf import hf_config, to_hf_state
+from lm.model import GPT
+
+EOS = "<|endoftext|>"
+
+
+def load(path) -> tuple[Path, GPT]:
+    ckpt = checkpoint.resolve(path)
+    model = GPT(checkpoint.load_config(ckpt).model)
+    checkpoint.load_model(ckpt, model)
+    return ckpt, model
+
+
+def _fresh_dir(out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def export_safetensors(ckpt: Path, model: GPT, out: Path):
+    from safetensors.torch import save_file
+
+    cfg = checkpoint.load_config(ckpt)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
+    (out / "config.toml").write_text(to_toml(cfg))
+    tokenizer = load_tokenizer(ckpt)
+    shutil.copyfile(ckpt / tokenizer.file_name, out / tokenizer.file_name)
+
+
+def hf_tokenizer_json(ckpt: Path) -> str:
+    """The tokenizer as HF `tokenizer.json`: BPE files are that already; a character vocabulary becomes a
+    WordLevel model over single characters."""
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.kind == "bpe":
+        return (ckpt / tokenizer.file_name).read_text()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
+    vocab[EOS] = tokenizer.eos_id
+    hf = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+    hf.add_special_tokens([EOS])
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    return hf.to_str()
+
+
+def export_hf(ckpt: Path, model: GPT, out: Path):
+    from safetensors.torch import save_file
+
+    tokenizer = load_tokenizer(ckpt)
+    cfg = model.cfg
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer.eos_id), indent=2))
+    save_file(to_hf_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "tokenizer.json").write_text(hf_tokenizer_json(ckpt))
+    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+         "clean_up_tokenization_spaces": False, **special}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "max_length": cfg.block_size,
+         "do_sample": True, "temperature": 0.8, "top_k": 200}, indent=2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
+    p.add_argument("--format", choices=("hf", "safetensors"), required=True)
+    args = p.parse_args(argv)
+    try:
+        ckpt, model = load(args.path)
+        out = _fresh_dir(args.out)
+        (export_hf if args.format == "hf" else export_safetensors)(ckpt, model, out)
+    except (checkpoint.CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format}) from {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

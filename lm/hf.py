@@ -1,0 +1,102 @@
+"""Our GPT <-> the Hugging Face GPT-2 format (`GPT2LMHeadModel`), which transformers, lm-eval-harness and
+vLLM read. The parameter names already match; HF's `Conv1D` stores matmul weights as (in, out), so those
+are transposed, and HF GPT-2 always has biases, so a bias-free model exports zeros.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lm.checkpoint import CheckpointError
+from lm.config import ModelConfig
+
+ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # ours -> HF's activation_function
+
+
+def hf_config(cfg: ModelConfig, eos_id: int) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": ACTIVATIONS[cfg.activation], "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def _is_conv1d(model: torch.nn.Module, key: str) -> bool:
+    """HF stores every Linear but the head as a transposed Conv1D."""
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    return isinstance(module, torch.nn.Linear) and key.endswith(".weight") and key != "lm_head.weight"
+
+
+def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF tensors (contiguous, head omitted: it is tied) from our model."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            state[f"{name}.weight"] = module.weight
+        elif isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+            w = module.weight
+            state[f"{name}.weight"] = w.t() if isinstance(module, torch.nn.Linear) else w
+            state[f"{name}.bias"] = module.bias if module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    """Our model shape from a HF GPT-2 `config.json`, refusing what our architecture cannot represent."""
+    path = directory / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; hf:{directory} is not a Hugging Face model directory") from None
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}; only 'gpt2' maps onto our GPT")
+    act = {v: k for k, v in ACTIVATIONS.items()}.get(hf.get("activation_function", "gelu_new"))
+    if act is None:
+        raise CheckpointError(f"{path}: activation_function {hf['activation_function']!r} is not gelu or gelu_new")
+    n_embd = hf["n_embd"]
+    checks = {"n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+              "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+              "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+              "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,))}
+    for key, (value, allowed) in checks.items():
+        if value not in allowed:
+            raise CheckpointError(f"{path}: {key} = {value!r} is not supported (expected {allowed[-1]!r})")
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True, activation=act)
+
+
+def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "activation"):
+        a, b = getattr(hf, key), getattr(ours, key)
+        if a != b:
+            raise CheckpointError(f"hf:{directory}/config.json gives model.{key} = {a!r}, the config asks for {b!r}")
+    if not ours.bias:
+        raise CheckpointError(f"hf:{directory}: GPT-2 weights have biases; set model.bias = true")
+
+
+def load_hf_weights(directory: Path, model: torch.nn.Module):
+    """Copy a HF GPT-2 `model.safetensors` into our model (shapes checked tensor by tensor)."""
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (only safetensors weights are read, never pickles)")
+    hf = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    ours = model.state_dict()
+    for key, target in ours.items():
+        if key == "lm_head.weight":
+            continue
+        src = hf.get(key.removeprefix("transformer."))
+        if src is None:
+            raise CheckpointError(f"{path}: has no tensor '{key}'")
+        src = src.t() if _is_conv1d(model, key) else src
+        if src.shape != target.shape:
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(src.shape)}, the model expects "
+                                  f"{tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(src)
