@@ -58,7 +58,7 @@ def hf_tokenizer_json(ckpt: Path) -> str:
     vocab[EOS] = tokenizer.eos_id
     hf = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
     hf.add_special_tokens([EOS])
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()
     return hf.to_str()
 
