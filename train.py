@@ -6,6 +6,7 @@ with a one-line `error: ...` and exit code 2; nothing already on disk is overwri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data_prep import DataError
@@ -25,11 +26,17 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = Trainer(cfg, resume=args.resume).run()
+        trainer = Trainer(cfg, resume=args.resume)
+        try:
+            result = trainer.run()
+        finally:
+            trainer.close()
     except USER_ERRORS + (TrainingError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: step {result['step']}, val loss {result['val_loss']}, val bits/byte {result['val_bpb']}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: step {result['step']}, val loss {result['val_loss']}, val bits/byte {result['val_bpb']}, "
+              f"skipped steps {result['skipped']}")
     return 0
 
 

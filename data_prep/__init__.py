@@ -1,13 +1,18 @@
-"""Data preparation for lmforge: documents -> tokenizer -> memory-mapped token shards."""
+"""Data preparation for lmforge: documents -> clean/dedup -> tokenizer -> memory-mapped token shards."""
+from .cleaning import CleanConfig, Cleaner
+from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key, jaccard
 from .errors import DataError
 from .fileio import file_sha256
+from .mixture import Mixture, build_blending_indices
 from .prepare import prepare, split_documents
 from .shards import ShardWriter, TokenReader, dtype_for_vocab, is_prepared, read_meta
 from .sources import Document, iter_documents
-from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from .spm import SentencePieceTokenizer
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BPETokenizer", "CharTokenizer", "DataError", "Document", "ShardWriter", "TokenReader", "Tokenizer",
-    "dtype_for_vocab", "file_sha256", "is_prepared", "iter_documents", "load_tokenizer", "prepare",
-    "read_meta", "split_documents",
+    "BPETokenizer", "CharTokenizer", "CleanConfig", "Cleaner", "DataError", "Document", "LSHIndex",
+    "MinHashConfig", "MinHasher", "Mixture", "SentencePieceTokenizer", "ShardWriter", "TokenReader", "Tokenizer",
+    "build_blending_indices", "dtype_for_vocab", "exact_key", "file_sha256", "is_prepared", "iter_documents",
+    "jaccard", "load_tokenizer", "prepare", "read_meta", "split_documents", "train_tokenizer",
 ]

@@ -6,12 +6,14 @@ import sys
 
 import numpy as np
 
+from .cleaning import NORMAL_FORMS, CleanConfig
+from .dedup import MinHashConfig
 from .errors import DataError
-from .prepare import prepare
+from .plan import DEDUP_MODES, LEAKAGE_MODES
+from .prepare import DEFAULT_SAMPLE_BYTES, MANIFEST_FILE, prepare
 from .shards import DEFAULT_SHARD_TOKENS, TokenReader, read_meta
-from .tokenizer import load_tokenizer
-
-_COUNT_CHUNK = 1 << 24  # tokens per bincount pass, bounds memory on big splits
+from .stats import document_lengths, length_histogram, top_tokens
+from .tokenizer import TOKENIZER_KINDS, load_tokenizer
 
 
 def _cmd_prepare(args) -> None:
@@ -19,7 +21,15 @@ def _cmd_prepare(args) -> None:
         args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         val_fraction=args.val_fraction, exclude=args.exclude, text_field=args.text_field, seed=args.seed,
         shard_tokens=args.shard_tokens, tokenizer_dir=args.tokenizer_from, show_progress=not args.quiet,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, workers=args.workers, strict=args.strict,
+        clean=None if args.no_clean else CleanConfig(
+            normalize=None if args.normalize == "none" else args.normalize,
+            strip_control=not args.keep_control, min_chars=args.min_chars),
+        dedup=args.dedup, leakage=args.leakage,
+        minhash=MinHashConfig(ngram=args.minhash_ngram, bands=args.minhash_bands, rows=args.minhash_rows,
+                              threshold=args.near_threshold),
+        special_tokens=args.special_tokens,
+        tokenizer_sample_bytes=args.tokenizer_sample_bytes or None,
     )
     src = meta["source"]
     print(f"prepared {args.out}: {src['documents']} documents from {src['files']} files "
@@ -28,19 +38,9 @@ def _cmd_prepare(args) -> None:
     for name, s in meta["splits"].items():
         print(f"  {name}: {s['tokens']} tokens, {s['docs']} docs, {len(s['shards'])} shards, "
               f"{s['bytes'] / max(s['tokens'], 1):.3f} bytes/token")
-    if src["undecodable_files"]:
-        print(f"  skipped {src['undecodable_files']} files that are not valid UTF-8")
-    if src["empty_documents"]:
-        print(f"  dropped {src['empty_documents']} empty documents")
-
-
-def _top_tokens(reader: TokenReader, k: int = 10) -> list[tuple[int, int]]:
-    counts = np.zeros(reader.vocab_size, dtype=np.int64)
-    for start in range(0, reader.num_tokens, _COUNT_CHUNK):
-        chunk = reader.read(start, min(_COUNT_CHUNK, reader.num_tokens - start))
-        counts += np.bincount(chunk, minlength=reader.vocab_size)[:reader.vocab_size]
-    order = np.argsort(-counts, kind="stable")[:k]
-    return [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+    if src["skipped_records"] or src["removed_documents"]:
+        print(f"  skipped {src['skipped_records']} unusable files/records, removed {src['removed_documents']} "
+              f"documents (reasons and examples in {args.out}/{MANIFEST_FILE})")
 
 
 def _cmd_inspect(args) -> None:
@@ -55,7 +55,16 @@ def _cmd_inspect(args) -> None:
         if entry.get("bytes"):
             line += f", {entry['bytes'] / max(reader.num_tokens, 1):.3f} bytes/token"
         print(line)
-        for tid, n in _top_tokens(reader):
+        lengths = document_lengths(reader)
+        if lengths.size:
+            print(f"  document length (tokens): mean {lengths.mean():.1f}, median {int(np.median(lengths))}, "
+                  f"max {int(lengths.max())}")
+            hist = length_histogram(lengths)
+            peak = max(c for _, _, c in hist)
+            for lo, hi, c in hist:
+                print(f"    [{lo:>8}, {hi:>8}) {c:>10}  {'#' * max(1, round(40 * c / peak))}")
+        print("  top tokens:")
+        for tid, n in top_tokens(reader):
             print(f"    {tid:>7} {n:>12}  {tok.decode([tid])!r}")
         reader.verify()
     print("checksums OK")
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("inputs", nargs="+", metavar="INPUT",
                     help="file, directory or glob (** recurses); ${stdlib} = this Python's standard library")
     pp.add_argument("--out", required=True, help="output dataset directory")
-    pp.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe")
+    pp.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="bpe",
+                    help="bpe: byte-level BPE (HF tokenizers); sp-bpe / sp-unigram: SentencePiece; char")
     pp.add_argument("--vocab-size", type=int, default=8192)
     pp.add_argument("--val-fraction", type=float, default=0.1)
     pp.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="fnmatch patterns on file paths")
@@ -78,6 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     pp.add_argument("--tokenizer-from", metavar="DIR", default=None,
                     help="reuse the tokenizer saved in DIR instead of training one")
+    pp.add_argument("--tokenizer-sample-bytes", type=int, default=DEFAULT_SAMPLE_BYTES,
+                    help="train the tokenizer on a hash-selected sample of about this many characters (0: all)")
+    pp.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN",
+                    help="extra special tokens (reserved ids, after EOS and PAD)")
+    pp.add_argument("--workers", type=int, default=1,
+                    help="encoding processes (1: in-process, tokenizer's own threads); output is identical")
+    pp.add_argument("--normalize", choices=[*NORMAL_FORMS, "none"], default="NFC", help="Unicode normalization")
+    pp.add_argument("--keep-control", action="store_true", help="keep control characters (default: removed, "
+                    "except \\t \\n \\r)")
+    pp.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
+    pp.add_argument("--no-clean", action="store_true", help="keep documents byte-exact (overrides the three above)")
+    pp.add_argument("--dedup", choices=DEDUP_MODES, default="near",
+                    help="near: exact + MinHash-LSH near duplicates; exact; none")
+    pp.add_argument("--leakage", choices=LEAKAGE_MODES, default="remove",
+                    help="val documents duplicating train ones: remove them, flag (count only), or off")
+    pp.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+    pp.add_argument("--minhash-bands", type=int, default=14)
+    pp.add_argument("--minhash-rows", type=int, default=8)
+    pp.add_argument("--near-threshold", type=float, default=0.7,
+                    help="estimated Jaccard at which an LSH candidate counts as a near duplicate")
+    pp.add_argument("--strict", action="store_true",
+                    help="bad JSONL/Parquet records are errors (default: skipped and counted in the manifest)")
     pp.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     pp.add_argument("--quiet", action="store_true", help="no progress bars")
     pp.set_defaults(func=_cmd_prepare)

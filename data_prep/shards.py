@@ -54,7 +54,8 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, split: str, dtype: str, eos_id: int,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS):
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, shards: list[dict] | None = None):
+        """`shards`: entries of shards already complete on disk (a resumed run continues after them)."""
         if shard_tokens <= 0:
             raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
         self.out_dir = Path(out_dir)
@@ -65,7 +66,7 @@ class ShardWriter:
             raise DataError(f"eos_id {eos_id} does not fit {dtype}")
         self.eos = np.array([eos_id], dtype=self.dtype)
         self.shard_tokens = shard_tokens
-        self.shards: list[dict] = []
+        self.shards: list[dict] = list(shards or [])
         self._file = None
         self._closed = False
 
@@ -159,6 +160,21 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     return meta
 
 
+def check_tokenizer_hash(data_dir: Path, meta: dict) -> None:
+    """Refuse a tokenizer file whose sha256 disagrees with meta.json: the shards would decode to garbage.
+
+    Cheap (tokenizer files are small), so it runs at every open. Nothing to check if meta.json records
+    no hash or the file is absent (reading token ids does not need it; load_tokenizer reports that).
+    """
+    tok = meta.get("tokenizer") or {}
+    expect, name = tok.get("sha256"), tok.get("file")
+    if expect and name and (data_dir / name).is_file():
+        got = file_sha256(data_dir / name)
+        if got != expect:
+            raise DataError(f"{data_dir / name}: tokenizer file sha256 {got[:16]}... disagrees with meta.json "
+                            f"({expect[:16]}...); it is not the one the shards were encoded with")
+
+
 class TokenReader:
     """Memory-mapped view of one split: the concatenation of its shards as one token stream.
 
@@ -179,6 +195,7 @@ class TokenReader:
         self.eos_id = int(self.meta["eos_id"])
         entry = splits[split]
         self.shards = entry["shards"]
+        check_tokenizer_hash(self.data_dir, self.meta)
 
         self._tokens, self._index = [], []
         for s in self.shards:

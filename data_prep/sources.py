@@ -1,15 +1,22 @@
-"""Turn input specs (files, directories, recursive globs) into a deterministic stream of documents."""
+"""Turn input specs (files, directories, recursive globs) into a deterministic stream of documents.
+
+Formats are chosen by suffix (see formats.py): .jsonl/.ndjson (one document per line), .parquet (one per
+row), anything else one document per file; .gz/.zst/.zstd variants are decompressed while streaming.
+"""
 from __future__ import annotations
 
 import fnmatch
 import glob
-import json
+import gzip
 import sysconfig
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import DataError
+from .formats import JSONL_SUFFIXES, read_jsonl, read_parquet, read_text, split_suffix
+from .tally import Tally
 
 _GLOB_CHARS = set("*?[")
 
@@ -24,9 +31,9 @@ class Document:
 class SourceStats:
     """What iter_documents saw; filled in as the iterator is consumed."""
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  # on-disk (possibly compressed) bytes of the files read
     excluded: int = 0
-    undecodable: list[str] = field(default_factory=list)
+    skipped: Tally = field(default_factory=Tally)  # unusable files and records, by reason
 
 
 def expand_placeholders(spec: str) -> str:
@@ -54,69 +61,80 @@ def _excluded(path: Path, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(f, pat) for pat in patterns for f in forms)
 
 
-def _read_jsonl(path: Path, data: bytes, text_field: str) -> Iterator[Document]:
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # covers bad UTF-8 and bad JSON
-            raise DataError(f"{path}:{lineno}: invalid JSON ({str(e).splitlines()[0]})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise DataError(f"{path}:{lineno}: record has no field {text_field!r}")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
-        yield Document(text, f"{path}:{lineno}")
-
-
 def iter_documents(inputs: Iterable[str], exclude: Iterable[str] = (), text_field: str = "text",
-                   stats: SourceStats | None = None) -> Iterator[Document]:
+                   stats: SourceStats | None = None, strict: bool = False) -> Iterator[Document]:
     """Yield documents from `inputs` in a deterministic order.
 
     Each input is a file, a directory (all files, recursively, sorted) or a glob (`**` recurses).
-    `.jsonl` files give one document per line (field `text_field`); any other file is one document,
-    decoded as strict UTF-8 (bytes kept exactly, so "\\r\\n" survives). Undecodable files are skipped
-    and listed in `stats.undecodable`. A file matched by several inputs is read once.
+    JSONL and Parquet files give one document per record (field `text_field`); any other file is one
+    document, decoded as strict UTF-8 (bytes kept exactly, so "\\r\\n" survives). Unusable files and
+    records (binary, invalid UTF-8, bad JSON, missing field, corrupt compression) are skipped and counted
+    in `stats.skipped`, or raise DataError when `strict`. A file matched by several inputs is read once.
     """
+    stats = stats if stats is not None else SourceStats()
+    # Expand every input now (not lazily) so a typo fails at the call, before any work is done.
+    return iter_files(list_files(inputs, exclude, stats), text_field, stats, strict)
+
+
+def list_files(inputs: Iterable[str], exclude: Iterable[str] = (), stats: SourceStats | None = None) -> list[Path]:
+    """The files `inputs` name, in order, without excluded ones and without repeats."""
     inputs = [expand_placeholders(s) for s in inputs]
     if not inputs:
         raise DataError("no inputs given")
     patterns = [expand_placeholders(p) for p in exclude]
-    stats = stats if stats is not None else SourceStats()
-    # Expand every input now (not lazily) so a typo fails at the call, before any work is done.
-    expanded = [_expand(spec) for spec in inputs]
-    return _generate(inputs, expanded, patterns, text_field, stats)
-
-
-def _generate(inputs: list[str], expanded: list[list[Path]], patterns: list[str], text_field: str,
-              stats: SourceStats) -> Iterator[Document]:
+    files: list[Path] = []
     seen: set[Path] = set()
-    for spec, paths in zip(inputs, expanded):
+    for spec in inputs:
+        paths = _expand(spec)
         excluded = 0
         for path in paths:
-            key = path.resolve()
-            if key in seen:
-                continue
-            seen.add(key)
-            if _excluded(path, patterns):
-                stats.excluded += 1
+            if _excluded(path, patterns):  # before resolve(): excluded trees can be large
                 excluded += 1
                 continue
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise DataError(f"{path}: cannot read ({e.strerror})") from None
-            stats.files += 1
-            stats.bytes += len(data)
-            if path.suffix == ".jsonl":
-                yield from _read_jsonl(path, data, text_field)
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.undecodable.append(str(path))
-                continue
-            yield Document(text, str(path))
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+        if stats is not None:
+            stats.excluded += excluded
         if excluded == len(paths):
             raise DataError(f"{spec}: all {len(paths)} matching files are excluded by the exclude patterns")
+    return files
+
+
+def iter_files(files: Iterable[Path], text_field: str = "text", stats: SourceStats | None = None,
+               strict: bool = False) -> Iterator[Document]:
+    """Documents of already listed files (see iter_documents for formats and skipping)."""
+    stats = stats if stats is not None else SourceStats()
+    for path in files:
+        try:
+            stats.bytes += path.stat().st_size
+            stats.files += 1
+            for text, source in _read_file(path, text_field, stats.skipped, strict):
+                yield Document(text, source)
+        except _corrupt_errors() as e:
+            # Corrupt compressed data: what was read before the error stays; strict mode stops.
+            if strict:
+                raise DataError(f"{path}: corrupt compressed data ({e})") from None
+            stats.skipped.add("corrupt_compressed", str(path))
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_file(path: Path, text_field: str, skipped: Tally, strict: bool):
+    fmt, comp = split_suffix(path)
+    if fmt in JSONL_SUFFIXES:
+        return read_jsonl(path, comp, text_field, skipped, strict)
+    if fmt == ".parquet" and not comp:
+        return read_parquet(path, text_field, skipped, strict)
+    return read_text(path, comp, skipped)
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (gzip.BadGzipFile, EOFError, zlib.error)
+    try:
+        import zstandard
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors

@@ -1,25 +1,34 @@
-"""Tokenizers: a character-level one (tiny corpora, nanoGPT's shakespeare_char) and byte-level BPE.
+"""Tokenizers: a character-level one (tiny corpora, nanoGPT's shakespeare_char), byte-level BPE (HF
+`tokenizers`) and SentencePiece BPE/unigram (spm.py).
 
-Both expose the same small interface and persist to a single file, so a prepared dataset carries the
-exact tokenizer its shards were encoded with.
+All expose the same small interface and persist to a single standard file, so a prepared dataset carries
+the exact tokenizer its shards were encoded with; meta.json records the file's sha256 and loading
+refuses a file that disagrees.
 """
 from __future__ import annotations
 
 import abc
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
+from .shards import check_tokenizer_hash
 
 EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+TOKENIZER_KINDS = ("bpe", "char", "sp-bpe", "sp-unigram")
 
 
 class Tokenizer(abc.ABC):
     kind: str
     file_name: str
+    # True when encoding a text cut after a "\n" between non-space characters gives the same ids
+    # as encoding it whole, so huge documents can be encoded in pieces (in parallel, bounded memory).
+    splits_at_lines: bool = False
 
     @property
     @abc.abstractmethod
@@ -28,6 +37,10 @@ class Tokenizer(abc.ABC):
     @property
     @abc.abstractmethod
     def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int | None:
+        return None
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -47,6 +60,7 @@ class Tokenizer(abc.ABC):
 class CharTokenizer(Tokenizer):
     kind = "char"
     file_name = "chars.json"
+    splits_at_lines = True
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
@@ -120,6 +134,7 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
     file_name = "tokenizer.json"
+    splits_at_lines = True  # the byte-level pre-tokenizer already isolates such a "\n"; merges stay inside
 
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
@@ -129,20 +144,25 @@ class BPETokenizer(Tokenizer):
         if eos is None:
             raise DataError(f"BPE tokenizer has no {EOS_TOKEN} token")
         self._eos = eos
+        self._pad = self._tok.token_to_id(PAD_TOKEN)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False,
+              special_tokens: Sequence[str] = ()) -> "BPETokenizer":
+        """Train on `texts`; EOS is id 0, then `special_tokens` (reserved ids, never produced by encode)."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-        min_size = 256 + 1  # every byte + EOS
+        specials = [EOS_TOKEN, *special_tokens]
+        min_size = 256 + len(specials)  # every byte + the special tokens
         if vocab_size < min_size:
-            raise DataError(f"BPE vocab_size {vocab_size} is too small: need at least {min_size} (256 bytes + EOS)")
+            more = f" + {len(special_tokens)} special tokens" if special_tokens else ""
+            raise DataError(f"BPE vocab_size {vocab_size} is too small: need at least {min_size} (256 bytes + EOS{more})")
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOS_TOKEN],
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
@@ -166,6 +186,10 @@ class BPETokenizer(Tokenizer):
     def eos_id(self) -> int:
         return self._eos
 
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -180,30 +204,79 @@ class BPETokenizer(Tokenizer):
         return atomic_write_bytes(Path(directory) / self.file_name, self._tok.to_str().encode("utf-8"))
 
 
-_KINDS = {cls.file_name: cls for cls in (BPETokenizer, CharTokenizer)}
+_LINE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def split_for_encoding(text: str, max_chars: int) -> list[str]:
+    """Cut `text` after newlines between two non-space characters into pieces of about max_chars.
+
+    Byte-level BPE pre-tokenizes such a "\n" alone on both sides of the cut, so the ids are unchanged
+    (a space before the "\n" would join it at the end of a piece: hence the lookbehind).
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        m = _LINE_CUT.search(text, start + max_chars)
+        if m is None:
+            break
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenizer_classes() -> dict[str, type[Tokenizer]]:
+    """File name -> class; imported lazily because spm.py builds on this module."""
+    from .spm import SentencePieceTokenizer
+    return {cls.file_name: cls for cls in (BPETokenizer, CharTokenizer, SentencePieceTokenizer)}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (),
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` (one of TOKENIZER_KINDS) on `texts`; subword kinds get EOS, PAD and
+    `special_tokens` (the char tokenizer only EOS)."""
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size, show_progress=show_progress,
+                                  special_tokens=[PAD_TOKEN, *special_tokens])
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind in ("sp-bpe", "sp-unigram"):
+        from .spm import SentencePieceTokenizer
+        return SentencePieceTokenizer.train(texts, vocab_size, model_type=kind[3:], special_tokens=special_tokens,
+                                            show_progress=show_progress)
+    raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load the tokenizer saved in `directory` (a prepared dataset or a tokenizer-only directory)."""
+    """Load the tokenizer saved in `directory` (a prepared dataset, a checkpoint or a tokenizer-only directory).
+
+    In a prepared dataset, meta.json names the file and its sha256; a file that disagrees is refused.
+    """
+    kinds = tokenizer_classes()
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: tokenizer directory does not exist")
     meta_path = directory / "meta.json"
+    meta = None
     if meta_path.is_file():  # a prepared dataset names its tokenizer file
         try:
-            name = json.loads(meta_path.read_text(encoding="utf-8"))["tokenizer"]["file"]
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            name = meta["tokenizer"]["file"]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{meta_path}: cannot read tokenizer entry ({e!r})") from None
-        if name not in _KINDS:
+        if name not in kinds:
             raise DataError(f"{meta_path}: unknown tokenizer file {name!r}")
         candidates = [name]
     else:
-        candidates = [n for n in _KINDS if (directory / n).is_file()]
+        candidates = [n for n in kinds if (directory / n).is_file()]
     if not candidates:
-        raise DataError(f"{directory}: no tokenizer.json or chars.json found")
+        raise DataError(f"{directory}: no tokenizer.json or chars.json or tokenizer.model found")
     if len(candidates) > 1:
-        raise DataError(f"{directory}: both tokenizer.json and chars.json present; cannot tell which to use")
+        raise DataError(f"{directory}: several tokenizer files present ({', '.join(candidates)}); cannot tell which to use")
     path = directory / candidates[0]
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file named in meta.json is missing")
-    return _KINDS[candidates[0]].load(path)
+    if meta is not None:
+        check_tokenizer_hash(directory, meta)
+    return kinds[candidates[0]].load(path)

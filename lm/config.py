@@ -65,7 +65,13 @@ class OptimConfig:
     min_lr: float = 6e-5  # floor of the cosine decay
     warmup_steps: int = 100
     decay_steps: int = 0  # steps of cosine decay after warmup; 0: until train.max_steps
-    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
+    schedule: str = "cosine"  # after warmup: cosine, linear, wsd, constant, step, plateau (see lm/optim.py)
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    step_every: int = 1000  # step: multiply the lr by step_gamma every this many steps
+    step_gamma: float = 0.5
+    plateau_patience: int = 3  # plateau: evaluations without a new best val loss before lowering the lr
+    plateau_factor: float = 0.5
+    rewarm_at: int = 0  # restart the schedule (warmup, then decay) at this step, e.g. when a run continues
     weight_decay: float = 0.1  # applied to weight matrices and embeddings only, never biases or norms
     beta1: float = 0.9
     beta2: float = 0.95
@@ -82,8 +88,10 @@ class TrainConfig:
     eval_interval: int = 250  # steps between validation runs (and checkpoints)
     eval_iters: int = 20  # validation batches per evaluation
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    checkpoint_interval: int = 0  # steps between checkpoints; 0: at every evaluation
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    dtype: str = "auto"  # "auto" (bf16 autocast where supported, else fp32), "float32", "bfloat16"
+    dtype: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "float32", "bfloat16", "float16"
     seed: int = 1337
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
 
@@ -95,6 +103,23 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "lmforge"
     run_name: str = ""  # defaults to the out_dir's name
+
+
+@dataclass
+class ParallelConfig:
+    activation_checkpointing: str = "none"  # "none", "full" (every block) or "every" (every ac_every-th)
+    ac_every: int = 2
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them
+    compile: bool = False  # torch.compile each block
+
+
+@dataclass
+class StabilityConfig:
+    rollback_after: int = 5  # this many skipped (non-finite) steps in a row: reload the last checkpoint
+    rollback_lr_factor: float = 1.0  # and scale the learning rate by this
+    spike_zscore: float = 0.0  # skip a step whose loss is this many std above the recent mean (0: off)
+    spike_window: int = 100  # steps in that running mean
+    loss_scale: float = 65536.0  # float16: initial dynamic loss scale
 
 
 @dataclass
@@ -112,6 +137,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def to_dict(self) -> dict:
         """Sections and keys as written in TOML (`from_` is `from`)."""
@@ -120,7 +147,7 @@ class Config:
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                  "log": LogConfig, "init": InitConfig}
+                  "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig}
 
 
 def _key(field_name: str) -> str:
@@ -138,8 +165,9 @@ CHOICES = {
     ("model", "layernorm"): ("torch", "triton"),
     ("model", "activation"): ("gelu", "gelu_tanh"),
     ("data", "tokenizer"): ("bpe", "char"),
-    ("optim", "schedule"): ("cosine", "constant"),
-    ("train", "dtype"): ("auto", "float32", "bfloat16"),
+    ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
+    ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("parallel", "activation_checkpointing"): ("none", "full", "every"),
 }
 
 
@@ -275,6 +303,17 @@ def validate(cfg: Config, where: str):
     for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "keep_checkpoints"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", f"= {getattr(t, key)} must be >= 1")
+    if t.keep_every < 0 or t.checkpoint_interval < 0:
+        bad("train.keep_every", "and train.checkpoint_interval must be >= 0")
+    if cfg.parallel.ac_every < 1:
+        bad("parallel.ac_every", "must be >= 1")
+    if not 0 < o.wsd_decay_fraction <= 1:
+        bad("optim.wsd_decay_fraction", "must be in (0, 1]")
+    if o.step_every < 1 or o.plateau_patience < 1 or not 0 < o.step_gamma <= 1 or not 0 < o.plateau_factor <= 1:
+        bad("optim.step_every", "and plateau_patience must be >= 1; step_gamma, plateau_factor in (0, 1]")
+    st = cfg.stability
+    if st.rollback_after < 0 or st.spike_zscore < 0 or st.spike_window < 2 or st.loss_scale <= 0:
+        bad("stability", "values must be >= 0 (spike_window >= 2, loss_scale > 0)")
     if t.threads < 0:
         bad("train.threads", "must be >= 0")
     if cfg.log.interval < 1:

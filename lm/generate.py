@@ -1,6 +1,7 @@
 """Autoregressive sampling with a KV cache: batched prompts of different lengths (left-padded),
 temperature, top-k, top-p (nucleus), repetition penalty, EOS and caller-defined stops, and a choice at the
-context limit: stop, or slide the window (rebuilding the cache over its last three quarters)."""
+context limit: stop, or slide the window (rebuilding the cache over its last three quarters; a batch slides
+together, when its longest row fills the context)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -8,15 +8,41 @@ from pathlib import Path
 from lm.config import Config
 
 
+# Dense peak FLOP/s by device name and dtype (vendor datasheets, without sparsity). MFU is reported only
+# for devices listed here; on CPUs there is no entry and no MFU.
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 67e12,
+    ("H100 PCIe", "bfloat16"): 756e12, ("H100 PCIe", "float16"): 756e12, ("H100 PCIe", "float32"): 51e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("L4", "bfloat16"): 121e12, ("L4", "float16"): 121e12, ("L4", "float32"): 30e12,
+}
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    matches = [(key, v) for key, v in PEAK_FLOPS.items() if key[1] == dtype and key[0] in name]
+    return max(matches, key=lambda kv: len(kv[0][0]))[1] if matches else None  # the most specific name
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+    """Written by rank 0 only (`enabled`); the other ranks' calls do nothing."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None, enabled: bool = True):
+        self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
+        self.wandb = None
+        if not enabled:
+            return
         if resume_step is not None:
             self._drop_after(resume_step)  # steps after the checkpoint are trained again
         elif self.path.exists():
             self.path.unlink()
-        self.wandb = None
         if cfg.log.wandb:
             import wandb  # optional: imported only when asked for
 
@@ -31,6 +57,8 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict):
+        if not self.enabled:
+            return
         record = {**record, "wall_s": round(time.perf_counter() - self.start, 3)}  # since this process began
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -6,10 +6,12 @@ embeddings / attention / residuals, a final LayerNorm, and an output head tied t
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lm.config import ModelConfig
 
@@ -132,7 +134,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be resolved (>= 1) before building the model")
@@ -146,25 +148,36 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
-        self.init_weights()
+        self.checkpointed: set[int] = set()  # blocks that recompute activations in backward (lm.parallel)
+        self.init_weights(seed)
+
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """The full initial tensor of parameter `name`, drawn from a generator seeded by (seed, name), so
+        a model sharded over any number of ranks starts exactly like a single-process one.
+        N(0, 0.02) for weights; projections into the residual stream get 0.02 / sqrt(2 * n_layer) so the
+        stream's variance does not grow with depth (GPT-2); LayerNorm gains 1; biases 0."""
+        shape = self.get_parameter(name).shape
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            return torch.ones(shape)
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     @torch.no_grad()
-    def init_weights(self):
-        """N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2 * n_layer)
-        so the stream's variance does not grow with depth (GPT-2)."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith("c_proj") else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):  # the Triton LayerNorm subclasses it
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+    def init_weights(self, seed: int = 0):
+        for name, p in self.named_parameters():  # the tied head is the embedding: initialized once
+            if p.is_meta:
+                continue
+            value = self.initial_value(name, seed)
+            if hasattr(p, "device_mesh"):  # a DTensor shard (FSDP2): keep only this rank's slice
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(value)
+            else:
+                p.copy_(value)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head shares the token embedding)."""
@@ -183,8 +196,11 @@ class GPT(nn.Module):
         else:
             pos, mask = cache.positions(T, idx.device), cache.attention_mask(T, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, cache, mask)
+        for i, block in enumerate(self.transformer.h):
+            if i in self.checkpointed and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # RNG state is preserved for dropout
+            else:
+                x = block(x, cache, mask)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -1,17 +1,23 @@
-"""The training loop: one process on a CPU or one GPU.
+"""The training loop, for one process or N under torchrun (FSDP2).
 
-Every step's data is a function of the global sample index, and a checkpoint holds the weights, the
-optimizer, every RNG state and that index, so a resumed run repeats the uninterrupted one bit for bit.
+Every micro-batch is a slice of one global sample stream, addressed by the global sample index; a
+checkpoint holds the weights, the optimizer, every rank's RNG state and that index. So a resumed run
+repeats the uninterrupted one bit for bit, and a run resumed on another number of ranks continues the
+same stream.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import resource
+import signal
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data_prep import DataError, TokenReader
@@ -19,48 +25,42 @@ from lm import checkpoint
 from lm.config import Config, ConfigError, to_toml
 from lm.data import SampleStream, ensure_prepared
 from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
-from lm.metrics import MetricsLog
-from lm.model import GPT
-from lm.optim import build_optimizer, lr_at
+from lm.metrics import MetricsLog, peak_flops
+from lm.optim import LRSchedule, build_optimizer
+from lm.parallel import build_model, close_world, init_world, mean_across_ranks, resolved_dtype
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); one line for the user."""
+    """Training cannot go on (e.g. non-finite losses with nothing to roll back to); one line for the user."""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast where the device supports it ("auto"), else full fp32 (weights stay fp32 either way)."""
-    if dtype == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use_bf16 = dtype == "bfloat16"
-    if use_bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1:
-            raise ConfigError(f"WORLD_SIZE = {world}: this version trains in one process "
-                              "(torchrun --nproc_per_node=1); multi-process FSDP comes with lm/parallel.py")
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
+        self.world = init_world(cfg.train.device)
+        self.device = pick_device(cfg.train.device, self.world.local_rank)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.autocast = autocast_for(self.device, cfg.train.dtype)
+        self.dtype = resolved_dtype(cfg, self.device)
         self.run_dir = Path(cfg.train.out_dir)
 
-        data_dir = ensure_prepared(cfg.data, show_progress=cfg.log.progress)
+        if self.world.main:
+            data_dir = ensure_prepared(cfg.data, show_progress=cfg.log.progress)
+        _barrier()
+        data_dir = Path(cfg.data.dir)
         self.train_reader = TokenReader(data_dir, "train")
         self.tokenizer_file = data_dir / self.train_reader.meta["tokenizer"]["file"]
         self._resolve_vocab(data_dir)
@@ -74,13 +74,20 @@ class Trainer:
             split = self.train_reader.meta["splits"]["val"]
             self.val_bytes_per_token = split["bytes"] / split["tokens"]
 
-        torch.manual_seed(cfg.train.seed)
-        self.model = GPT(cfg.model).to(self.device)
+        torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
+        self.model = build_model(cfg, self.world, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.step, self.samples = 0, 0  # completed optimizer steps, samples consumed
+        self.schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
+        self.step, self.samples = 0, 0  # completed optimizer steps, global samples consumed
+        self.skipped, self.bad_in_a_row, self.rollbacks = 0, 0, 0
+        self.loss_scale = cfg.stability.loss_scale if self.dtype == "float16" else 1.0
+        self.good_since_scale = 0
+        self.recent_losses: deque[float] = deque(maxlen=cfg.stability.spike_window)
         self.last_val_loss = None
+        self.stop_requested = False
         self._start(resume)
 
+    # ---- set-up -------------------------------------------------------------------------------------
     def _resolve_vocab(self, data_dir: Path):
         vocab = self.train_reader.vocab_size
         if self.cfg.model.vocab_size == 0:
@@ -96,28 +103,36 @@ class Trainer:
                 f"{self.run_dir}: already holds checkpoints; pass --resume to continue it, "
                 "or choose another train.out_dir")
         if resume and found:
-            ckpt = found[-1]
-            checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
-            checkpoint.load_model(ckpt, self.model)
-            state = checkpoint.load_train_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step, self.samples = state["step"], state["samples"]
-            self.last_val_loss = state.get("val_loss")
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-            print(f"resumed from {ckpt} at step {self.step}", flush=True)
+            self._restore(found[-1], keep_data_cursor=False)
+            self._print(f"resumed from {found[-1]} at step {self.step}")
         else:
             if resume:
-                print(f"--resume: {self.run_dir} has no checkpoint yet, starting from step 0", flush=True)
+                self._print(f"--resume: {self.run_dir} has no checkpoint yet, starting from step 0")
             if self.cfg.init.from_:
                 self._init_weights(self.cfg.init.from_)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if resume else None)
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if resume else None,
+                                  enabled=self.world.main)
+
+    def _restore(self, ckpt: Path, keep_data_cursor: bool):
+        checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
+        info = checkpoint.load_training(ckpt, self.model, self.optimizer)
+        self.step = info["step"]
+        if not keep_data_cursor:
+            self.samples = info["samples"]
+        self.skipped, self.rollbacks = info["skipped_steps"], info["rollbacks"]
+        self.loss_scale, self.last_val_loss = info["loss_scale"], info["val_loss"]
+        self.schedule.load_state_dict(info["schedule"])
+        self.recent_losses.clear()
+        self.recent_losses.extend(info["recent_losses"])
 
     def _init_weights(self, source: str):
         """Start from pretrained weights (init.from): a checkpoint of ours or a HF GPT-2 directory."""
+        if self.world.distributed:
+            raise ConfigError("init.from under torchrun: consolidate first, then start a single-process run "
+                              "or resume; loading into shards is not supported yet")
         if source.startswith("hf:"):
             directory = Path(source[3:])
             check_hf_shape(directory, read_hf_config(directory), self.cfg.model)
@@ -126,104 +141,215 @@ class Trainer:
             ckpt = checkpoint.resolve(source)
             checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
             checkpoint.load_model(ckpt, self.model)
-        print(f"initialized weights from {source}", flush=True)
+        self._print(f"initialized weights from {source}")
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the same eval_iters validation batches every time, so evaluations compare."""
-        self.model.eval()
-        b = self.cfg.train.batch_size
-        losses = []
-        for i in range(self.cfg.train.eval_iters):
-            x, y = self.val_stream.batch(i * b, b, self.device)
-            with self.autocast():
-                losses.append(self.model(x, y)[1].float())
-        self.model.train()
-        return torch.stack(losses).mean().item()
+    def _print(self, text: str):
+        if self.world.main:
+            tqdm.write(text)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm, lr)."""
-        t, o = self.cfg.train, self.cfg.optim
-        lr = lr_at(self.step, o, t.max_steps)
+    # ---- one step -----------------------------------------------------------------------------------
+    def _autocast(self):
+        # Under FSDP the MixedPrecisionPolicy casts; in one process autocast does.
+        if self.world.distributed or self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches. A step whose loss or gradient is not finite
+        (or, when enabled, whose loss spikes) never reaches the weights: it is skipped and counted."""
+        t = self.cfg.train
+        lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        per_micro = self.world.size * t.batch_size  # global samples per micro-step
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            x, y = self.train_stream.batch(self.samples, t.batch_size, self.device)
-            self.samples += t.batch_size
-            with self.autocast():
+        for micro in range(t.grad_accum):
+            first = self.samples + micro * per_micro + self.world.rank * t.batch_size
+            x, y = self.train_stream.batch(first, t.batch_size, self.device)
+            if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
+                self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
+            with self._autocast():
                 _, loss = self.model(x, y)
-            (loss / t.grad_accum).backward()
+            (loss * self.loss_scale / t.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip or math.inf)
-        self.optimizer.step()
+        self.samples += per_micro * t.grad_accum
+        # one collective carries the mean loss and whether any rank was asked to stop
+        packed = mean_across_ranks(torch.stack([loss_sum / t.grad_accum,
+                                                torch.tensor(float(self.stop_requested), device=self.device)]))
+        loss, stop_votes = packed[0], packed[1]
+        self.stop_requested = bool(stop_votes > 0)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.loss_scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / self.loss_scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
+        loss_f, norm_f = loss.item(), grad_norm.item()
+        reason = None
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            reason = "nonfinite"
+        elif self._is_spike(loss_f):
+            reason = "spike"
+        if reason is None:
+            self.optimizer.step()
+            self.recent_losses.append(loss_f)
+            self.bad_in_a_row = 0
+            self._grow_loss_scale()
+        else:
+            self.skipped += 1
+            self.bad_in_a_row += reason == "nonfinite"
+            if self.loss_scale != 1.0 and reason == "nonfinite":
+                self.loss_scale, self.good_since_scale = max(1.0, self.loss_scale / 2), 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum / t.grad_accum, grad_norm, lr
+        return {"loss": loss_f, "grad_norm": norm_f, "lr": lr, "skipped": reason}
 
-    def save(self, loss: float):
-        if not math.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss} at step {self.step}: not saved; the newest good "
-                                f"checkpoint is kept in {self.run_dir / checkpoint.CKPT_DIR}")
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "samples": self.samples,
-                 "val_loss": self.last_val_loss, "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        meta = {"samples": self.samples, "train_loss": loss, "val_loss": self.last_val_loss,
-                "params": self.model.num_params()}
-        return checkpoint.save(self.run_dir, self.step, self.model, state, self.cfg, meta, self.tokenizer_file,
-                               keep=self.cfg.train.keep_checkpoints)
+    def _is_spike(self, loss: float) -> bool:
+        z, window = self.cfg.stability.spike_zscore, self.recent_losses
+        if z <= 0 or len(window) < window.maxlen:
+            return False
+        mean = sum(window) / len(window)
+        std = math.sqrt(sum((v - mean) ** 2 for v in window) / (len(window) - 1))
+        return std > 0 and (loss - mean) / std > z
+
+    def _grow_loss_scale(self):
+        if self.loss_scale != 1.0:
+            self.good_since_scale += 1
+            if self.good_since_scale >= 1000:  # fp16: probe a larger scale after a calm stretch
+                self.loss_scale, self.good_since_scale = self.loss_scale * 2, 0
+
+    def _rollback(self):
+        """After rollback_after non-finite steps in a row: reload the newest checkpoint, keep reading
+        new data (the batches that broke the run are not replayed), optionally at a lower lr."""
+        found = checkpoint.checkpoints(self.run_dir)
+        if not found:
+            raise TrainingError(f"{self.bad_in_a_row} non-finite steps in a row at step {self.step} and no "
+                                f"checkpoint in {self.run_dir} to roll back to; lower optim.lr")
+        skipped, rollbacks = self.skipped, self.rollbacks
+        self._restore(found[-1], keep_data_cursor=True)
+        self.skipped, self.rollbacks, self.bad_in_a_row = skipped, rollbacks + 1, 0
+        self.schedule.scale *= self.cfg.stability.rollback_lr_factor
+        self._print(f"rolled back to {found[-1]} (rollback {self.rollbacks}); lr scale {self.schedule.scale:g}")
+
+    # ---- evaluation and checkpoints -----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the same eval_iters validation batches every time, whatever the world size:
+        batch i goes to rank i % world; every rank runs the same number of forwards (FSDP needs that)."""
+        self.model.eval()
+        b, n, w = self.cfg.train.batch_size, self.cfg.train.eval_iters, self.world.size
+        total = torch.zeros(2, device=self.device)
+        for i in range(self.world.rank, math.ceil(n / w) * w, w):
+            x, y = self.val_stream.batch((i % n) * b, b, self.device)
+            with self._autocast():
+                loss = self.model(x, y)[1].float()
+            if i < n:
+                total += torch.stack([loss, torch.ones((), device=self.device)])
+        self.model.train()
+        if self.world.distributed:
+            dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def save(self, train_loss: float) -> Path:
+        info = {"samples": self.samples, "world_size": self.world.size, "skipped_steps": self.skipped,
+                "rollbacks": self.rollbacks, "loss_scale": self.loss_scale, "schedule": self.schedule.state_dict(),
+                "recent_losses": list(self.recent_losses), "train_loss": train_loss,
+                "val_loss": self.last_val_loss, "params": self.num_params}
+        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
+                               self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
+                               keep_every=self.cfg.train.keep_every)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())  # DTensors report their global size
 
     def log_eval(self, bar):
         if self.val_stream is None:
             return
         val = self.evaluate()
         self.last_val_loss = val
+        self.schedule.observe_val_loss(val)
         bpb = val / math.log(2) / self.val_bytes_per_token
         self.metrics.write({"step": self.step, "val_loss": val, "val_bpb": bpb})
-        bar.write(f"step {self.step}: val loss {val:.4f} nats/token, {bpb:.4f} bits/byte")
+        if self.world.main:
+            bar.write(f"step {self.step}: val loss {val:.4f} nats/token, {bpb:.4f} bits/byte")
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame):
+        self.stop_requested = True
 
     def run(self, stop_at_step: int | None = None) -> dict:
-        """Train to train.max_steps, or stop early after `stop_at_step` with a checkpoint written."""
-        t, lg = self.cfg.train, self.cfg.log
-        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not lg.progress, unit="step", dynamic_ncols=True)
-        bar.write(f"model: {self.model.num_params():,} parameters; {self.device}; "
-                  f"{tokens_per_step:,} tokens/step; run dir {self.run_dir}")
+        """Train to train.max_steps; or stop early (after `stop_at_step`, or at the step boundary after
+        SIGTERM/SIGINT) with a checkpoint written."""
+        t, lg, m = self.cfg.train, self.cfg.log, self.cfg.model
+        tokens_per_step = self.world.size * t.batch_size * t.grad_accum * m.block_size
+        flops_per_token = 6 * self.num_params + 12 * m.n_layer * m.n_embd * m.block_size
+        peak = peak_flops(self.device, self.dtype)
+        ckpt_every = t.checkpoint_interval or t.eval_interval
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (lg.progress and self.world.main),
+                   unit="step", dynamic_ncols=True)
+        self._print(f"model: {self.num_params:,} parameters; {self.world.size} x {self.device}; {self.dtype}; "
+                    f"{tokens_per_step:,} tokens/step; run dir {self.run_dir}")
         if self.step == 0:
             self.log_eval(bar)
         window_start, window_steps, loss = time.perf_counter(), 0, float("nan")
         try:
             while self.step < t.max_steps:
-                loss_t, grad_norm, lr = self.train_step()
+                out = self.train_step()
                 window_steps += 1
                 bar.update(1)
+                if out["skipped"] is None:
+                    loss = out["loss"]
+                elif self.world.main:
+                    bar.write(f"step {self.step}: skipped ({out['skipped']} loss {out['loss']:.4g}, "
+                              f"grad norm {out['grad_norm']:.4g}); {self.skipped} skipped so far")
                 last = self.step == t.max_steps
                 if self.step % lg.interval == 0 or last:
-                    loss = loss_t.item()
-                    if not math.isfinite(loss):
-                        raise TrainingError(f"non-finite loss {loss} at step {self.step}; lower optim.lr or "
-                                            f"resume from {self.run_dir / checkpoint.CKPT_DIR}")
                     elapsed = time.perf_counter() - window_start
                     tok_s = window_steps * tokens_per_step / elapsed
-                    self.metrics.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                        "tokens_per_s": tok_s, "samples": self.samples})
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    record = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                              "tokens_per_s": tok_s, "samples": self.samples, "skipped_steps": self.skipped,
+                              "peak_mem_gb": self._peak_memory_gb()}
+                    if peak:
+                        record["mfu"] = tok_s * flops_per_token / (peak * self.world.size)
+                    if self.loss_scale != 1.0:
+                        record["loss_scale"] = self.loss_scale
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
-                stopping = self.step == stop_at_step
-                if self.step % t.eval_interval == 0 or last:
+                if self.bad_in_a_row and self.bad_in_a_row >= self.cfg.stability.rollback_after > 0:
+                    self._rollback()
+                    bar.reset(total=t.max_steps)
+                    bar.update(self.step)
+                    continue
+                stopping = self.step == stop_at_step or self.stop_requested
+                evaluating = self.step % t.eval_interval == 0 or last
+                if evaluating:
                     self.log_eval(bar)
-                    self.save(loss_t.item())
+                if self.step % ckpt_every == 0 or last or stopping:
+                    self.save(loss)
                     window_start, window_steps = time.perf_counter(), 0
-                elif stopping:
-                    self.save(loss_t.item())
                 if stopping:
+                    if self.stop_requested:
+                        self._print(f"stopped by signal at step {self.step}; checkpoint saved")
                     break
         finally:
             bar.close()
             self.metrics.close()
-        return {"step": self.step, "train_loss": loss, "val_loss": self.last_val_loss,
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        return {"step": self.step, "train_loss": loss, "val_loss": self.last_val_loss, "skipped": self.skipped,
                 "val_bpb": (self.last_val_loss / math.log(2) / self.val_bytes_per_token
                             if self.last_val_loss is not None else None)}
+
+    def _peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+    def close(self):
+        close_world()
 
 
 __all__ = ["Trainer", "TrainingError", "DataError"]

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from data_prep import (BPETokenizer, CharTokenizer, DataError, ShardWriter, TokenReader, dtype_for_vocab,
                        is_prepared, iter_documents, load_tokenizer, prepare, split_documents)
-from data_prep.sources import Document
+from data_prep.sources import Document, SourceStats
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
@@ -131,12 +131,17 @@ def test_jsonl_input_and_bad_line(tmp_path):
     docs = list(iter_documents([str(good)], text_field="body"))
     assert [d.text for d in docs] == ["first doc", "second\ndoc"]
     assert docs[1].source == f"{good}:3"
+    # strict mode: a bad record is an error naming file:line.
     with pytest.raises(DataError, match=r"good\.jsonl:1: record has no field 'text'"):
-        list(iter_documents([str(good)]))
+        list(iter_documents([str(good)], strict=True))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
-        list(iter_documents([str(bad)]))
+        list(iter_documents([str(bad)], strict=True))
+    # default: skipped and counted with an example (see test_data_prep_scale.py for the manifest).
+    stats = SourceStats()
+    assert [d.text for d in iter_documents([str(bad)], stats=stats)] == ["ok"]
+    assert stats.skipped.counts == {"jsonl_invalid_json": 1} and stats.skipped.examples["jsonl_invalid_json"] == f"{bad}:2"
 
 
 # ---------------------------------------------------------------- splitting
@@ -180,7 +185,9 @@ def test_prepare_round_trip_through_shards(bpe, tmp_path):
     tokdir.mkdir()
     bpe.save(tokdir)
     out = tmp_path / "out"
-    meta = prepare([str(tmp_path / "in")], out, tokenizer_dir=tokdir, shard_tokens=500, show_progress=False)
+    # clean=None: documents stay byte-exact (the default cleaning would strip the "\x00" control chars).
+    meta = prepare([str(tmp_path / "in")], out, tokenizer_dir=tokdir, shard_tokens=500, show_progress=False,
+                   clean=None)
     assert is_prepared(out) and not any(p.name.startswith("out.tmp") for p in tmp_path.iterdir())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == bpe.vocab_size
     by_source = {str(tmp_path / "in" / f"doc{i:03d}.txt"): t for i, t in enumerate(texts)}

@@ -32,6 +32,12 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def weights(ckpt) -> dict:
+    model = GPT(checkpoint.load_config(ckpt).model)
+    checkpoint.load_model(ckpt, model)
+    return model.state_dict()
+
+
 def test_stop_and_resume_gives_bit_identical_losses(char_data, tmp_path):
     extra = ["train.max_steps=12", "train.eval_interval=4", "model.dropout=0.1", "train.grad_accum=2"]
     Trainer(load_config(None, overrides(char_data, tmp_path / "a", *extra))).run()
@@ -41,8 +47,7 @@ def test_stop_and_resume_gives_bit_identical_losses(char_data, tmp_path):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert a == b  # exact float equality, step by step
-    wa = torch.load(checkpoint.resolve(tmp_path / "a") / "model.pt", weights_only=True)
-    wb = torch.load(checkpoint.resolve(tmp_path / "b") / "model.pt", weights_only=True)
+    wa, wb = (weights(checkpoint.resolve(tmp_path / run)) for run in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -51,7 +56,7 @@ def test_saved_checkpoint_reloads_to_identical_logits(char_data, tmp_path):
     trainer.run()
     ckpt = checkpoint.resolve(tmp_path / "r")
     assert ckpt.name == "step_00000003"
-    assert {"model.pt", "train_state.pt", "config.toml", "checkpoint.json", "chars.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {".metadata", "rng_rank0.pt", "config.toml", "checkpoint.json", "chars.json"} <= {p.name for p in ckpt.iterdir()}
     model = GPT(checkpoint.load_config(ckpt).model)
     checkpoint.load_model(ckpt, model)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 32))
@@ -88,9 +93,9 @@ def test_resume_with_another_model_shape_is_refused(cli, char_data, tmp_path):
 def test_existing_run_is_never_overwritten_without_resume(cli, char_data, tmp_path):
     assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
     ckpt = checkpoint.resolve(tmp_path / "r")
-    before = (ckpt / "model.pt").read_bytes()
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     assert_user_error(train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2"), "--resume")
-    assert (ckpt / "model.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(cli, char_data, tmp_path):

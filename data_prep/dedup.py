@@ -1,0 +1,171 @@
+"""Duplicate detection: exact (hash of whitespace-normalized text) and near (MinHash-LSH on word n-grams).
+
+MinHash is vectorized with numpy: word hashes come from one polynomial prefix hash over the UTF-8 bytes,
+n-gram shingles combine n word hashes, and each of the `bands * rows` permutations is an affine map
+mod 2^32 of the shingle hash, minimized in blocks. Hash constants are fixed by a seed, so decisions are
+reproducible across runs and processes (Python's own `hash` is salted per process).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+_U64 = np.uint64
+_P32 = 0x01000193  # odd multiplier of the byte-level polynomial word hash (mod 2^32)
+_P32_INV = pow(_P32, -1, 1 << 32)
+_BLOCK = 8192  # shingles per permutation block: bounds the (num_perm, block) temporary
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def exact_key(text: str) -> bytes:
+    """16-byte digest of the text with whitespace runs collapsed (so trailing newlines do not hide a copy)."""
+    return hashlib.blake2b(" ".join(text.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: spreads structured inputs (similar words) over all 64 bits."""
+    x = x ^ (x >> _U64(30))
+    x = x * _U64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> _U64(27))
+    x = x * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+@dataclass(frozen=True)
+class MinHashConfig:
+    ngram: int = 5  # words per shingle
+    bands: int = 14
+    rows: int = 8  # bands * rows permutations (GUIDE: 14 x 8 = 112)
+    threshold: float = 0.7  # estimated Jaccard an LSH candidate must reach to count as a near duplicate
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ngram < 1 or self.bands < 1 or self.rows < 1:
+            raise DataError(f"MinHash ngram, bands and rows must be >= 1, got {self.ngram}, {self.bands}, {self.rows}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise DataError(f"near-duplicate threshold must be in (0, 1], got {self.threshold}")
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+
+class MinHasher:
+    def __init__(self, config: MinHashConfig = MinHashConfig()):
+        self.config = config
+        rng = np.random.default_rng(config.seed)
+        # (a * x + b) mod 2^32 with odd a: a random permutation of 32-bit shingle hashes per row.
+        self._a = (rng.integers(0, 1 << 31, size=(config.num_perm, 1), dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
+        self._b = rng.integers(0, 1 << 32, size=(config.num_perm, 1), dtype=np.uint32)
+        self._gram = rng.integers(0, 1 << 63, size=config.ngram, dtype=np.uint64) * _U64(2) + _U64(1)
+        self._pow = self._ipow = np.zeros(0, dtype=np.uint32)
+
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """P^i and P^-i mod 2^32 for i < n, cached: the prefix hash then costs one cumsum per document."""
+        if n > self._pow.size:
+            m = max(n, 2 * self._pow.size, 1 << 16)
+            with np.errstate(over="ignore"):
+                self._pow = np.cumprod(np.full(m, _P32, dtype=np.uint32), dtype=np.uint32) * np.uint32(_P32_INV)
+                self._ipow = np.cumprod(np.full(m, _P32_INV, dtype=np.uint32), dtype=np.uint32) * np.uint32(_P32)
+        return self._pow[:n], self._ipow[:n]
+
+    def word_hashes(self, text: str) -> np.ndarray:
+        """uint64 hash of every whitespace-separated word (ASCII whitespace; case-sensitive)."""
+        data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        word = ~_ASCII_SPACE[data]
+        edges = np.diff(word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if starts.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        pw, ipw = self._powers(data.size)
+        with np.errstate(over="ignore"):
+            prefix = np.concatenate(([np.uint32(0)], np.cumsum(data * pw, dtype=np.uint32)))
+            h = ((prefix[ends] - prefix[starts]) * ipw[starts]).astype(np.uint64)
+            return _mix(h | ((ends - starts).astype(np.uint64) << _U64(32)))
+
+    def shingles(self, text: str) -> np.ndarray:
+        """uint32 hash of every n-word shingle."""
+        words = self.word_hashes(text)
+        n = self.config.ngram
+        with np.errstate(over="ignore"):
+            if words.size < n:  # a short document is one shingle of all its words (none if no words)
+                acc = np.array([np.sum(words * self._gram[:words.size], dtype=np.uint64)]) if words.size else words
+            else:
+                acc = np.zeros(words.size - n + 1, dtype=np.uint64)
+                for j in range(n):
+                    acc += words[j:words.size - n + 1 + j] * self._gram[j]
+            return (_mix(acc) >> _U64(32)).astype(np.uint32)
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """uint32[num_perm] MinHash signature, or None for a text without words."""
+        sh = self.shingles(text)
+        if sh.size == 0:
+            return None
+        sig = np.full(self.config.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+        buf = np.empty((self.config.num_perm, min(sh.size, _BLOCK)), dtype=np.uint32)
+        with np.errstate(over="ignore"):
+            for i in range(0, sh.size, _BLOCK):
+                block = sh[None, i:i + _BLOCK]
+                out = buf[:, :block.shape[1]]
+                np.multiply(self._a, block, out=out)
+                np.add(out, self._b, out=out)
+                np.minimum(sig, out.min(axis=1), out=sig)
+        return sig
+
+
+def jaccard(a: str, b: str, ngram: int = 5) -> float:
+    """Exact Jaccard similarity of the word n-gram sets (for tests and reports, not the hot path)."""
+    def grams(t):
+        w = t.split()
+        return {tuple(w[i:i + ngram]) for i in range(max(len(w) - ngram + 1, 1))} if w else set()
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb) if ga | gb else 1.0
+
+
+class LSHIndex:
+    """Banded LSH over MinHash signatures, candidates verified by their estimated Jaccard."""
+
+    def __init__(self, config: MinHashConfig = MinHashConfig()):
+        self.config = config
+        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(config.bands)]
+        self._band_mult = np.random.default_rng(config.seed + 1).integers(
+            0, 1 << 63, size=config.rows, dtype=np.uint64) * _U64(2) + _U64(1)
+        self._sigs = np.empty((64, config.num_perm), dtype=np.uint32)
+        self._keys: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _band_keys(self, sig: np.ndarray) -> list[int]:
+        with np.errstate(over="ignore"):
+            rows = sig.reshape(self.config.bands, self.config.rows).astype(np.uint64)
+            return (rows * self._band_mult).sum(axis=1, dtype=np.uint64).tolist()
+
+    def find_all(self, sig: np.ndarray, alive=None) -> list[int]:
+        """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first.
+
+        `alive(key)` lets the caller ignore entries it has since dropped.
+        """
+        rows: set[int] = set()
+        for band, key in enumerate(self._band_keys(sig)):
+            rows.update(self._buckets[band].get(key, ()))
+        if not rows:
+            return []
+        cand = np.fromiter(sorted(rows), dtype=np.int64, count=len(rows))
+        est = (self._sigs[cand] == sig[None, :]).mean(axis=1)
+        keys = [self._keys[r] for r in cand[est >= self.config.threshold].tolist()]
+        return [k for k in keys if alive is None or alive(k)]
+
+    def add(self, key: int, sig: np.ndarray) -> None:
+        row = len(self._keys)
+        if row == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
+        self._sigs[row] = sig
+        self._keys.append(key)
+        for band, k in enumerate(self._band_keys(sig)):
+            self._buckets[band].setdefault(k, []).append(row)

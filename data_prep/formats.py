@@ -1,0 +1,107 @@
+"""Per-format document readers: plain text, JSONL and Parquet, optionally gzip- or zstd-compressed.
+
+Each reader streams: a JSONL or Parquet file is never loaded whole; a text file is one document, so it
+is read at once. Records that cannot be used are counted in a Tally (reason -> count, example) and
+skipped, or raise DataError in strict mode.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import DataError
+from .tally import Tally
+
+COMPRESSIONS = (".gz", ".zst", ".zstd")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_SNIFF_BYTES = 8192
+
+
+def split_suffix(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix) of `path`, e.g. data.jsonl.zst -> (".jsonl", ".zst")."""
+    name = path.name.lower()
+    comp = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    return Path(name[:len(name) - len(comp)]).suffix, comp
+
+
+def open_stream(path: Path, comp: str) -> BinaryIO:
+    if comp == ".gz":
+        return gzip.open(path, "rb")
+    if comp in (".zst", ".zstd"):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs zstandard: pip install lmforge[zstd]") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def read_text(path: Path, comp: str, skipped: Tally) -> Iterator[tuple[str, str]]:
+    with open_stream(path, comp) as f:
+        data = f.read()
+    try:
+        yield data.decode("utf-8"), str(path)
+    except UnicodeDecodeError:
+        # NUL bytes are legal UTF-8 text; only NULs *and* undecodable bytes mean "binary".
+        skipped.add("binary_file" if b"\x00" in data[:_SNIFF_BYTES] else "invalid_utf8", str(path))
+
+
+def read_jsonl(path: Path, comp: str, text_field: str, skipped: Tally, strict: bool) -> Iterator[tuple[str, str]]:
+    def bad(reason: str, where: str, msg: str) -> None:
+        if strict:
+            raise DataError(f"{where}: {msg}")
+        skipped.add(reason, where)
+
+    with open_stream(path, comp) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # covers bad UTF-8 and bad JSON
+                bad("jsonl_invalid_json", where, f"invalid JSON ({str(e).splitlines()[0]})")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                bad("jsonl_missing_field", where, f"record has no field {text_field!r}")
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                bad("jsonl_field_not_string", where,
+                    f"field {text_field!r} is {type(text).__name__}, expected a string")
+                continue
+            yield text, where
+
+
+def read_parquet(path: Path, text_field: str, skipped: Tally, strict: bool,
+                 batch_rows: int = 1024) -> Iterator[tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install lmforge[parquet]") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        if strict:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        skipped.add("parquet_unreadable", str(path))
+        return
+    if text_field not in pf.schema_arrow.names:
+        if strict:
+            raise DataError(f"{path}: Parquet file has no column {text_field!r}")
+        skipped.add("parquet_missing_column", str(path))
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=batch_rows):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                if strict:
+                    raise DataError(f"{path}:row {row}: column {text_field!r} is not a string ({value!r:.40})")
+                skipped.add("parquet_not_string", f"{path}:row {row}")
+            else:
+                yield value, f"{path}:row {row}"
+            row += 1

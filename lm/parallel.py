@@ -1,0 +1,108 @@
+"""Processes and parallelism: the torchrun environment, FSDP2 sharding, activation checkpointing.
+
+One code path for 1..N processes: under torchrun (WORLD_SIZE set) the model is built on the meta device,
+each block and then the root are sharded with `fully_shard`, and each rank materializes only its shard,
+initialized exactly like the single-process model of the same seed. A plain `python train.py` run is the
+world of one, with no process group and no sharding.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lm.config import Config
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_world(device_name: str) -> World:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    world = World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)))
+    if size > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return world
+
+
+def close_world():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.is_cuda else dist.ReduceOp.SUM)
+        if not value.is_cuda:  # gloo has no AVG
+            value /= dist.get_world_size()
+    return value
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int):
+    """"none", "full" (every block) or "every" (every `every`-th block): those blocks recompute their
+    activations in backward instead of storing them (GPT.forward reads `model.checkpointed`)."""
+    n = len(model.transformer.h)
+    model.checkpointed = set() if mode == "none" else {i for i in range(n) if mode == "full" or i % every == 0}
+
+
+def shard(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """FSDP2 on each block, then the root (embeddings, final norm, tied head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    param_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolved_dtype(cfg, device)]
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+
+
+def resolved_dtype(cfg: Config, device: torch.device) -> str:
+    """"auto" is bf16 where the device supports it (CUDA), else fp32."""
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def build_model(cfg: Config, world: World, device: torch.device):
+    """The model on `device`: built whole in one process, or on the meta device and materialized shard
+    by shard under torchrun. Returns the model with activation checkpointing and optional compile."""
+    from lm.model import GPT
+
+    if not world.distributed:
+        model = GPT(cfg.model, seed=cfg.train.seed).to(device)
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
+        _compile_blocks(model, cfg)
+        return model
+    with torch.device("meta"):
+        model = GPT(cfg.model, seed=cfg.train.seed)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
+    _compile_blocks(model, cfg)
+    shard(model, cfg, device)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed)
+    return model
+
+
+def _compile_blocks(model, cfg: Config):
+    if cfg.parallel.compile:
+        for block in model.transformer.h:
+            block.compile()  # in place: parameter names (and checkpoints) stay the same
