@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from lm.config import Config, ConfigError, config_from_toml_text, to_toml
 
 CKPT_DIR = "ckpt"
+
+# One process without a process group is a normal way to save and load here, not a mistake to warn about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class CheckpointError(ValueError):

@@ -42,6 +42,7 @@ def export_safetensors(ckpt: Path, model: GPT, out: Path):
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
     (out / "config.toml").write_text(to_toml(cfg))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tokenizer = load_tokenizer(ckpt)
     shutil.copyfile(ckpt / tokenizer.file_name, out / tokenizer.file_name)
 
@@ -52,6 +53,9 @@ def hf_tokenizer_json(ckpt: Path) -> str:
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.kind == "bpe":
         return (ckpt / tokenizer.file_name).read_text()
+    if tokenizer.kind != "char":
+        raise checkpoint.CheckpointError(f"{ckpt / tokenizer.file_name}: a {tokenizer.kind} tokenizer has no HF "
+                                         "tokenizer.json form here; export --format safetensors instead")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
