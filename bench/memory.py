@@ -31,10 +31,14 @@ def measure(mode: str, device: str, steps: int = 3) -> dict:
     model = build_model(cfg, World(), dev)
     opt = build_optimizer(model, cfg.optim, dev)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size), device=dev)
-    _, loss = model(x, x)  # one warm-up step allocates the optimizer state and grads
-    loss.backward()
+    for param in model.parameters():  # gradients and optimizer state exist before the baseline, so the
+        param.grad = torch.zeros_like(param)  # growth measured below is activations and temporaries
+    lr = opt.param_groups[0]["lr"]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    for group in opt.param_groups:
+        group["lr"] = lr
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -46,7 +50,7 @@ def measure(mode: str, device: str, steps: int = 3) -> dict:
         _, loss = model(x, x)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"mode": mode, "device": device, "peak_growth_gb": (peak - base) / 1e9,
