@@ -1,6 +1,7 @@
 """Train a GPT: `python train.py CONFIG [section.key=value ...] [--resume]`.
 
-Also `torchrun --nproc_per_node=1 train.py CONFIG`. Mistakes in the config, the data or a checkpoint end
+Also `torchrun --nproc_per_node=1 train.py CONFIG`; `python train.py CONFIG --plan [--world-size N ...]` prints
+the memory / speed plan (lm/plan.py) and trains nothing. Mistakes in the config, the data or a checkpoint end
 with a one-line `error: ...` and exit code 2; nothing already on disk is overwritten.
 """
 from __future__ import annotations
@@ -21,7 +22,22 @@ def main(argv=None) -> int:
     parser.add_argument("config", help="TOML config file, e.g. configs/quickstart.toml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    plan = parser.add_argument_group("planning (no training, no data, no GPU needed)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print parameters, FLOPs/token, per-GPU memory, the largest micro-batch that fits and "
+                           "step time / tokens per day at --mfu, then exit (rank 0 prints)")
+    plan.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                      help="GPUs to plan for (default: $WORLD_SIZE or 1)")
+    plan.add_argument("--gpu", default="H100", help="a device name of lm.metrics.PEAK_FLOPS (default H100)")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB, 96GiB (default 80GB)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    plan.add_argument("--micro-batch", type=int, default=None,
+                      help="sequences per GPU per forward (default: train.batch_size)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of the table")
+    plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     from lm.trainer import Trainer, TrainingError  # after argument parsing, so --help is instant
 
     try:
@@ -37,6 +53,28 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {result['step']}, val loss {result['val_loss']}, val bits/byte {result['val_bpb']}, "
               f"skipped steps {result['skipped']}")
+    return 0
+
+
+def print_plan(args) -> int:
+    import json
+
+    from lm.plan import format_plan, parse_memory, plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = plan(cfg, world_size=args.world_size, micro_batch=args.micro_batch, gpu=args.gpu,
+                      gpu_memory=parse_memory(args.gpu_memory), mfu=args.mfu)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank would print the same plan
+        return 0
+    record = {"config": args.config, **result.to_dict()}
+    print(json.dumps(record, indent=2) if args.json else format_plan(result, args.config))
+    if args.plan_json:
+        with open(args.plan_json, "w") as f:
+            json.dump(record, f, indent=2)
     return 0
 
 
