@@ -57,6 +57,13 @@ class DataConfig:
     vocab_size: int = 8192  # tokenizer vocabulary to train (bpe)
     val_fraction: float = 0.1
     text_field: str = "text"  # JSONL field holding the text
+    # several prepared sources mixed by weight, each "ROLE:WEIGHT:DIR" with ROLE new or replay, e.g.
+    # ["new:0.75:data/B", "replay:0.25:data/A"]; empty: `dir` alone. Every global batch holds exactly
+    # WEIGHT of its samples from each source (the global batch times each weight must be a whole number).
+    sources: list[str] = field(default_factory=list)
+    # named validation sets "NAME:DIR" (the val split of DIR), logged as val/NAME_loss; empty: the val split
+    # of `dir`, or of each source named by its role. A set named "new" reports adaptation, "replay" forgetting.
+    val_sets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +118,7 @@ class ParallelConfig:
     ac_every: int = 2
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them
     compile: bool = False  # torch.compile each block
+    replicas: int = 1  # HSDP: groups that each shard the model over world / replicas ranks (e.g. per node)
 
 
 @dataclass
@@ -127,6 +135,20 @@ class InitConfig:
     # where the starting weights come from: "" (random init), a run or checkpoint directory of ours,
     # or "hf:DIR" (a local Hugging Face GPT-2-architecture directory); written `from` in TOML
     from_: str = ""
+    optimizer: bool = False  # also load the optimizer state (AdamW moments) of that checkpoint
+
+
+@dataclass
+class ContinualConfig:
+    # freezing phases "STEP:K": from STEP on, the embeddings (and the tied head) and the first K blocks
+    # are frozen; K = 0 trains everything. E.g. ["0:4", "200:0"]
+    freeze: list[str] = field(default_factory=list)
+    ewc_batches: int = 0  # EWC on when > 0: old-domain batches estimating the diagonal Fisher at the start
+    ewc_lambda: float = 1.0  # penalty (lambda/2) sum F (theta - theta*)^2, with F normalized to mean 1
+    ewc_labels: str = "model"  # Fisher labels: "model" (sampled from the model) or "empirical" (the data's)
+    ewc_data: str = ""  # prepared old-domain dir for the Fisher; "": the replay source
+    ewc_prior: str = ""  # an earlier run's ewc.pt: online EWC, F = ewc_gamma * F_prior + F_new
+    ewc_gamma: float = 1.0
 
 
 @dataclass
@@ -139,6 +161,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def to_dict(self) -> dict:
         """Sections and keys as written in TOML (`from_` is `from`)."""
@@ -147,7 +170,8 @@ class Config:
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                  "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig}
+                  "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig,
+                 "continual": ContinualConfig}
 
 
 def _key(field_name: str) -> str:
@@ -168,7 +192,56 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("parallel", "activation_checkpointing"): ("none", "full", "every"),
+    ("continual", "ewc_labels"): ("model", "empirical"),
 }
+ROLES = ("new", "replay")
+
+
+def parse_sources(entries: list[str]) -> list[tuple[str, float, str]]:
+    """data.sources -> [(role, weight, dir)]; a ConfigError names the bad entry."""
+    out = []
+    for entry in entries:
+        parts = entry.split(":", 2)
+        if len(parts) != 3 or parts[0] not in ROLES or not parts[2]:
+            raise ConfigError(f"data.sources entry '{entry}' must be ROLE:WEIGHT:DIR with ROLE one of "
+                              f"{', '.join(ROLES)}, e.g. 'replay:0.25:data/A'")
+        try:
+            weight = float(parts[1])
+        except ValueError:
+            weight = -1.0
+        if not (0 < weight < float("inf")):
+            raise ConfigError(f"data.sources entry '{entry}': weight '{parts[1]}' must be a positive number")
+        out.append((parts[0], weight, parts[2]))
+    return out
+
+
+def parse_val_sets(entries: list[str]) -> list[tuple[str, str]]:
+    """data.val_sets -> [(name, dir)]."""
+    out = []
+    for entry in entries:
+        name, _, directory = entry.partition(":")
+        if not name.isidentifier() or not directory:
+            raise ConfigError(f"data.val_sets entry '{entry}' must be NAME:DIR with NAME a word, e.g. 'replay:data/A'")
+        out.append((name, directory))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.val_sets names must be unique, got {names}")
+    return out
+
+
+def parse_freeze(entries: list[str]) -> list[tuple[int, int]]:
+    """continual.freeze -> [(start step, frozen blocks)] in increasing step order."""
+    out = []
+    for entry in entries:
+        step, _, k = entry.partition(":")
+        if not (step.isdigit() and k.isdigit()):
+            raise ConfigError(f"continual.freeze entry '{entry}' must be STEP:K (from STEP on, freeze the "
+                              "embeddings and the first K blocks), e.g. '0:4'")
+        out.append((int(step), int(k)))
+    if [s for s, _ in out] != sorted({s for s, _ in out}):
+        raise ConfigError(f"continual.freeze steps must increase: {entries}")
+    return out
+
 
 
 def _closest(name: str, options) -> str:
@@ -307,6 +380,8 @@ def validate(cfg: Config, where: str):
         bad("train.keep_every", "and train.checkpoint_interval must be >= 0")
     if cfg.parallel.ac_every < 1:
         bad("parallel.ac_every", "must be >= 1")
+    if cfg.parallel.replicas < 1:
+        bad("parallel.replicas", "must be >= 1")
     if not 0 < o.wsd_decay_fraction <= 1:
         bad("optim.wsd_decay_fraction", "must be in (0, 1]")
     if o.step_every < 1 or o.plateau_patience < 1 or not 0 < o.step_gamma <= 1 or not 0 < o.plateau_factor <= 1:
@@ -318,6 +393,19 @@ def validate(cfg: Config, where: str):
         bad("train.threads", "must be >= 0")
     if cfg.log.interval < 1:
         bad("log.interval", "must be >= 1")
+    try:
+        parse_sources(cfg.data.sources)
+        parse_val_sets(cfg.data.val_sets)
+        freeze = parse_freeze(cfg.continual.freeze)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if any(k > m.n_layer for _, k in freeze):
+        bad("continual.freeze", f"freezes more blocks than model.n_layer = {m.n_layer}")
+    c = cfg.continual
+    if c.ewc_batches < 0 or c.ewc_lambda < 0 or c.ewc_gamma < 0:
+        bad("continual.ewc_batches", "continual.ewc_lambda and continual.ewc_gamma must be >= 0")
+    if c.ewc_batches and not c.ewc_data and not any(r == "replay" for r, _, _ in parse_sources(cfg.data.sources)):
+        bad("continual.ewc_data", "is empty and data.sources has no replay source to estimate the Fisher on")
 
 
 def _toml_value(value) -> str:

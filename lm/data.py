@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data_prep import DataError, TokenReader, is_prepared, prepare
+from data_prep.mixture import Mixture
 from lm.config import DataConfig
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -38,18 +39,54 @@ class SampleStream:
         self.key = splitmix64(np.array([seed], dtype=np.uint64))[0]
 
     def starts(self, first: int, count: int) -> np.ndarray:
-        index = np.arange(first, first + count, dtype=np.uint64)
+        return self.starts_of(np.arange(first, first + count, dtype=np.uint64))
+
+    def starts_of(self, index: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
-            return (splitmix64(index ^ self.key) % np.uint64(self.num_starts)).astype(np.int64)
+            return (splitmix64(index.astype(np.uint64) ^ self.key) % np.uint64(self.num_starts)).astype(np.int64)
+
+    def windows(self, index: np.ndarray) -> np.ndarray:
+        """(len(index), block_size + 1) tokens of the samples `index`."""
+        return np.stack([self.reader.read(int(s), self.block_size + 1) for s in self.starts_of(index)])
 
     def batch(self, first: int, count: int, device: torch.device):
         """Inputs and next-token targets for samples first .. first + count - 1, each (count, block_size)."""
-        windows = np.stack([self.reader.read(int(s), self.block_size + 1) for s in self.starts(first, count)])
-        tokens = torch.from_numpy(windows.astype(np.int64))
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        if device.type == "cuda":
-            return (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
-        return x.to(device), y.to(device)
+        return to_batch(self.windows(np.arange(first, first + count)), device)
+
+
+def to_batch(windows: np.ndarray, device: torch.device):
+    tokens = torch.from_numpy(windows.astype(np.int64))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if device.type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+class MixedStream:
+    """Several sources behind one global sample index: the deterministic interleave (data_prep.Mixture)
+    gives each index a source and an ordinal in it, and the ordinal picks a window from that source's
+    own SampleStream. A run still resumes from one counter."""
+
+    def __init__(self, streams: list[SampleStream], weights: list[float]):
+        self.streams, self.mixture = streams, Mixture(weights)
+
+    def batch(self, first: int, count: int, device: torch.device):
+        src, ordinal = self.mixture.assign(first, count)
+        windows = np.empty((count, self.streams[0].block_size + 1), dtype=np.int64)
+        for i, stream in enumerate(self.streams):
+            rows = np.flatnonzero(src == i)
+            if len(rows):
+                windows[rows] = stream.windows(ordinal[rows])
+        return to_batch(windows, device)
+
+
+def check_same_tokenizer(dirs: list[Path]):
+    """Sources mixed in one run must share a tokenizer: ids from different vocabularies are noise."""
+    first = TokenReader(dirs[0], "train").meta["tokenizer"]["sha256"]
+    for d in dirs[1:]:
+        if TokenReader(d, "train").meta["tokenizer"]["sha256"] != first:
+            raise DataError(f"{d} and {dirs[0]} were prepared with different tokenizers; re-prepare one "
+                            f"with --tokenizer-from the other")
 
 
 def ensure_prepared(cfg: DataConfig, show_progress: bool = True) -> Path:

@@ -64,15 +64,32 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int
     model.checkpointed = set() if mode == "none" else {i for i in range(n) if mode == "full" or i % every == 0}
 
 
-def shard(model: torch.nn.Module, cfg: Config, device: torch.device):
+def device_mesh(cfg: Config, device: torch.device):
+    """1-D mesh (FSDP over every rank), or 2-D (replicate, shard) for HSDP: parallel.replicas groups, each
+    sharding the model over world / replicas ranks (e.g. one group per node), gradients all-reduced across."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, replicas = dist.get_world_size(), cfg.parallel.replicas
+    if world % replicas:
+        raise ValueError(f"parallel.replicas = {replicas} does not divide the world size {world}")
+    if replicas == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: torch.nn.Module, cfg: Config, device: torch.device, mesh=None):
     """FSDP2 on each block, then the root (embeddings, final norm, tied head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    param_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolved_dtype(cfg, device)]
+    param_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "float32": torch.float32}[resolved_dtype(cfg, device)]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kwargs = dict(mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    if mesh is not None:
+        kwargs["mesh"] = mesh
     for block in model.transformer.h:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def resolved_dtype(cfg: Config, device: torch.device) -> str:
@@ -96,7 +113,7 @@ def build_model(cfg: Config, world: World, device: torch.device):
         model = GPT(cfg.model, seed=cfg.train.seed)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
     _compile_blocks(model, cfg)
-    shard(model, cfg, device)
+    shard(model, cfg, device, device_mesh(cfg, device))
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
     return model

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from data_prep import DataError, TokenReader
 from lm import checkpoint
-from lm.config import Config, ConfigError, to_toml
-from lm.data import SampleStream, ensure_prepared
+from lm.config import Config, ConfigError, parse_sources, parse_val_sets, to_toml
+from lm.data import MixedStream, SampleStream, check_same_tokenizer, ensure_prepared
+from lm.ewc import EWC, EWC_FILE, estimate_fisher
+from lm.freeze import Freezing
 from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
 from lm.metrics import MetricsLog, peak_flops
 from lm.optim import LRSchedule, build_optimizer
@@ -57,22 +59,18 @@ class Trainer:
         self.dtype = resolved_dtype(cfg, self.device)
         self.run_dir = Path(cfg.train.out_dir)
 
-        if self.world.main:
-            data_dir = ensure_prepared(cfg.data, show_progress=cfg.log.progress)
+        self.sources = parse_sources(cfg.data.sources)
+        if self.world.main and not self.sources:
+            ensure_prepared(cfg.data, show_progress=cfg.log.progress)
         _barrier()
-        data_dir = Path(cfg.data.dir)
+        dirs = [Path(d) for _, _, d in self.sources] or [Path(cfg.data.dir)]
+        check_same_tokenizer(dirs)
+        data_dir = dirs[0]
         self.train_reader = TokenReader(data_dir, "train")
         self.tokenizer_file = data_dir / self.train_reader.meta["tokenizer"]["file"]
         self._resolve_vocab(data_dir)
-        has_val = "val" in self.train_reader.meta["splits"]
-        self.val_reader = TokenReader(data_dir, "val") if has_val else None
-        self.train_stream = SampleStream(self.train_reader, cfg.model.block_size, cfg.train.seed,
-                                         f"{data_dir} train split")
-        self.val_stream = SampleStream(self.val_reader, cfg.model.block_size, cfg.train.seed + 1,
-                                       f"{data_dir} val split") if has_val else None
-        if has_val:  # UTF-8 bytes per token of the val split, to report loss in bits per byte
-            split = self.train_reader.meta["splits"]["val"]
-            self.val_bytes_per_token = split["bytes"] / split["tokens"]
+        self.train_stream = self._train_stream(dirs)
+        self.val_sets = self._val_sets(data_dir)
 
         torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
         self.model = build_model(cfg, self.world, self.device)
@@ -85,7 +83,10 @@ class Trainer:
         self.recent_losses: deque[float] = deque(maxlen=cfg.stability.spike_window)
         self.last_val_loss = None
         self.stop_requested = False
+        self.val_start: dict[str, float] = {}  # each val set's loss at the start: forgetting, adaptation
+        self.freezing = Freezing(cfg.continual.freeze)
         self._start(resume)
+        self.ewc = self._setup_ewc(resume) if cfg.continual.ewc_batches else None
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _resolve_vocab(self, data_dir: Path):
@@ -95,6 +96,59 @@ class Trainer:
         elif self.cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size = {self.cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary of {vocab} in {data_dir / 'meta.json'}")
+
+    def _train_stream(self, dirs: list[Path]):
+        """One source: its own stream. Several: the interleave, whose period must divide the global batch
+        so that every step holds each source's exact share."""
+        seed, block = self.cfg.train.seed, self.cfg.model.block_size
+        if not self.sources:
+            return SampleStream(self.train_reader, block, seed, f"{dirs[0]} train split")
+        # each source its own hashed order (seeds far apart from the val stream's seed + 1)
+        streams = [SampleStream(TokenReader(d, "train"), block, seed + 7919 * i, f"{d} train split")
+                   for i, d in enumerate(dirs)]
+        stream = MixedStream(streams, [w for _, w, _ in self.sources])
+        t = self.cfg.train
+        batch = self.world.size * t.batch_size * t.grad_accum
+        if batch % stream.mixture.period:
+            raise ConfigError(f"data.sources: a global batch of {batch} samples cannot hold the weights "
+                              f"exactly; make it a multiple of {stream.mixture.period}")
+        return stream
+
+    def _val_sets(self, data_dir: Path) -> dict[str, tuple[SampleStream, float]]:
+        """name -> (stream over that dir's val split, UTF-8 bytes per token). The single unnamed set of a
+        plain run is called "" and logged as val_loss alone."""
+        named = parse_val_sets(self.cfg.data.val_sets)
+        if not named and self.sources:
+            roles = [r for r, _, _ in self.sources]
+            named = [(r if roles.count(r) == 1 else f"{r}{i}", d) for i, (r, _, d) in enumerate(self.sources)]
+        sets = {}
+        for name, directory in named or [("", str(data_dir))]:
+            reader = TokenReader(directory, "train")
+            if "val" not in reader.meta["splits"]:
+                if named:
+                    raise DataError(f"{directory}: has no val split for validation set '{name}'")
+                continue
+            split = reader.meta["splits"]["val"]
+            stream = SampleStream(TokenReader(directory, "val"), self.cfg.model.block_size, self.cfg.train.seed + 1,
+                                  f"{directory} val split")
+            sets[name] = (stream, split["bytes"] / split["tokens"])
+        return sets
+
+    def _setup_ewc(self, resume: bool) -> EWC:
+        """theta* and F from this run's ewc.pt on resume; else estimated now, at the starting weights."""
+        c, path = self.cfg.continual, self.run_dir / EWC_FILE
+        if resume and path.is_file():
+            return EWC.load(path, self.model, c.ewc_lambda)
+        directory = Path(c.ewc_data or next(d for r, _, d in self.sources if r == "replay"))
+        stream = SampleStream(TokenReader(directory, "train"), self.cfg.model.block_size, self.cfg.train.seed + 2,
+                              f"{directory} train split")
+        fisher = estimate_fisher(self.model, stream, c.ewc_batches, self.cfg.train.batch_size, self.world.rank,
+                                 self.world.size, c.ewc_labels, self.cfg.train.seed, self._autocast)
+        ewc = EWC.start(self.model, fisher, c.ewc_lambda, c.ewc_prior, c.ewc_gamma)
+        ewc.save(path, self.world.main)
+        self._print(f"EWC: Fisher from {c.ewc_batches} batches of {directory} ({c.ewc_labels} labels), "
+                    f"lambda {c.ewc_lambda:g}; saved to {path}")
+        return ewc
 
     def _start(self, resume: bool):
         found = checkpoint.checkpoints(self.run_dir)
@@ -118,8 +172,12 @@ class Trainer:
 
     def _restore(self, ckpt: Path, keep_data_cursor: bool):
         checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
+        # parameters frozen since the start have no optimizer state in the checkpoint: none is made here
+        step = checkpoint.load_info(ckpt)["step"]
+        self.freezing.apply(self.model, self.freezing.frozen_throughout(step))
         info = checkpoint.load_training(ckpt, self.model, self.optimizer)
         self.step = info["step"]
+        self.val_start = info.get("val_start", {})
         if not keep_data_cursor:
             self.samples = info["samples"]
         self.skipped, self.rollbacks = info["skipped_steps"], info["rollbacks"]
@@ -140,7 +198,11 @@ class Trainer:
         else:
             ckpt = checkpoint.resolve(source)
             checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
-            checkpoint.load_model(ckpt, self.model)
+            if self.cfg.init.optimizer:  # AdamW moments too; the step, data cursor and RNG start afresh
+                checkpoint.load_training(ckpt, self.model, self.optimizer)
+                torch.manual_seed(self.cfg.train.seed + self.world.rank)
+            else:
+                checkpoint.load_model(ckpt, self.model)
         self._print(f"initialized weights from {source}")
 
     def _print(self, text: str):
@@ -161,6 +223,7 @@ class Trainer:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.freezing.apply(self.model, self.freezing.frozen_blocks(self.step))
         per_micro = self.world.size * t.batch_size  # global samples per micro-step
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
@@ -181,6 +244,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.loss_scale != 1.0:
             torch._foreach_mul_([p.grad for p in params], 1.0 / self.loss_scale)
+        penalty = self.ewc.add_gradient(self.model) if self.ewc else None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
             grad_norm = grad_norm.full_tensor()
@@ -202,7 +266,7 @@ class Trainer:
                 self.loss_scale, self.good_since_scale = max(1.0, self.loss_scale / 2), 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_f, "grad_norm": norm_f, "lr": lr, "skipped": reason}
+        return {"loss": loss_f, "grad_norm": norm_f, "lr": lr, "skipped": reason, "ewc_penalty": penalty}
 
     def _is_spike(self, loss: float) -> bool:
         z, window = self.cfg.stability.spike_zscore, self.recent_losses
@@ -233,14 +297,16 @@ class Trainer:
 
     # ---- evaluation and checkpoints -----------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, stream: SampleStream | None = None) -> float:
         """Mean loss over the same eval_iters validation batches every time, whatever the world size:
-        batch i goes to rank i % world; every rank runs the same number of forwards (FSDP needs that)."""
+        batch i goes to rank i % world; every rank runs the same number of forwards (FSDP needs that).
+        `stream`: a validation set's stream (default: the first set)."""
+        stream = stream or next(iter(self.val_sets.values()))[0]
         self.model.eval()
         b, n, w = self.cfg.train.batch_size, self.cfg.train.eval_iters, self.world.size
         total = torch.zeros(2, device=self.device)
         for i in range(self.world.rank, math.ceil(n / w) * w, w):
-            x, y = self.val_stream.batch((i % n) * b, b, self.device)
+            x, y = stream.batch((i % n) * b, b, self.device)
             with self._autocast():
                 loss = self.model(x, y)[1].float()
             if i < n:
@@ -254,7 +320,7 @@ class Trainer:
         info = {"samples": self.samples, "world_size": self.world.size, "skipped_steps": self.skipped,
                 "rollbacks": self.rollbacks, "loss_scale": self.loss_scale, "schedule": self.schedule.state_dict(),
                 "recent_losses": list(self.recent_losses), "train_loss": train_loss,
-                "val_loss": self.last_val_loss, "params": self.num_params}
+                "val_loss": self.last_val_loss, "params": self.num_params, "val_start": self.val_start}
         return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
                                self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
                                keep_every=self.cfg.train.keep_every)
@@ -264,15 +330,30 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())  # DTensors report their global size
 
     def log_eval(self, bar):
-        if self.val_stream is None:
+        """Every validation set; the first is val_loss. With named sets, each logs val/NAME_loss and its
+        change since the start of the run: forgetting (rise of "replay") and adaptation (fall of "new")."""
+        if not self.val_sets:
             return
-        val = self.evaluate()
+        losses = {name: self.evaluate(stream) for name, (stream, _) in self.val_sets.items()}
+        first = next(iter(self.val_sets))
+        val = losses[first]
         self.last_val_loss = val
         self.schedule.observe_val_loss(val)
-        bpb = val / math.log(2) / self.val_bytes_per_token
-        self.metrics.write({"step": self.step, "val_loss": val, "val_bpb": bpb})
+        bpb = val / math.log(2) / self.val_sets[first][1]
+        record = {"step": self.step, "val_loss": val, "val_bpb": bpb}
+        if first:
+            for name, loss in losses.items():
+                start = self.val_start.setdefault(name, loss)
+                record[f"val/{name}_loss"] = loss
+                record[f"val/{name}_change"] = loss - start
+            if "replay" in losses:
+                record["forgetting"] = record["val/replay_change"]
+            if "new" in losses:
+                record["adaptation"] = -record["val/new_change"]
+        self.metrics.write(record)
         if self.world.main:
-            bar.write(f"step {self.step}: val loss {val:.4f} nats/token, {bpb:.4f} bits/byte")
+            shown = ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) if first else f"{val:.4f} nats/token"
+            bar.write(f"step {self.step}: val loss {shown}, {bpb:.4f} bits/byte")
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _request_stop(self, signum, frame):
@@ -315,6 +396,8 @@ class Trainer:
                         record["mfu"] = tok_s * flops_per_token / (peak * self.world.size)
                     if self.loss_scale != 1.0:
                         record["loss_scale"] = self.loss_scale
+                    if out["ewc_penalty"] is not None:
+                        record["ewc_penalty"] = out["ewc_penalty"]
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
@@ -340,7 +423,7 @@ class Trainer:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         return {"step": self.step, "train_loss": loss, "val_loss": self.last_val_loss, "skipped": self.skipped,
-                "val_bpb": (self.last_val_loss / math.log(2) / self.val_bytes_per_token
+                "val_bpb": (self.last_val_loss / math.log(2) / next(iter(self.val_sets.values()))[1]
                             if self.last_val_loss is not None else None)}
 
     def _peak_memory_gb(self) -> float:

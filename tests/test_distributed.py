@@ -64,6 +64,16 @@ def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path)
         assert resumed[step] == pytest.approx(single[step], rel=1e-5)
 
 
+def test_hsdp_two_replicas_match_one_process(data, tmp_path):
+    common = [f"data.dir={data}", "train.eval_interval=3", "train.max_steps=3"]
+    train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4")
+    train(*common, f"train.out_dir={tmp_path / 'hsdp'}", "train.batch_size=2", "parallel.replicas=2", nproc=2)
+    single, hsdp = losses(tmp_path / "single"), losses(tmp_path / "hsdp")
+    assert sorted(hsdp) == [1, 2, 3]
+    for step in hsdp:
+        assert hsdp[step] == pytest.approx(single[step], rel=1e-5)
+
+
 def config(data, out, *extra):
     return load_config(None, [*BASE, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", *extra])
 
