@@ -131,10 +131,10 @@ def _read_file(path: Path, text_field: str, skipped: Tally, strict: bool):
 
 
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged compressed file raises; zstandard's error only when that optional extra is there."""
     errors: tuple[type[BaseException], ...] = (gzip.BadGzipFile, EOFError, zlib.error)
     try:
         import zstandard
-        errors += (zstandard.ZstdError,)
     except ImportError:
-        pass
-    return errors
+        return errors
+    return errors + (zstandard.ZstdError,)

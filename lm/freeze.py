@@ -11,6 +11,7 @@ from lm.config import parse_freeze
 class Freezing:
     def __init__(self, entries: list[str]):
         self.phases = parse_freeze(entries)  # (start step, frozen blocks), steps increasing
+        self.applied: int | None = None  # blocks frozen by the last apply: the per-step call is then free
 
     def frozen_blocks(self, step: int) -> int:
         """Blocks frozen during `step` (before the first phase: none)."""
@@ -27,6 +28,9 @@ class Freezing:
 
     def apply(self, model: torch.nn.Module, blocks: int):
         """Freeze the embeddings and the first `blocks` blocks; everything else trains."""
+        if blocks == self.applied:
+            return
+        self.applied = blocks
         for p in model.parameters():
             p.requires_grad_(True)
         if blocks == 0:
