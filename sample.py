@@ -12,8 +12,8 @@ import torch
 
 from data_prep import DataError, load_tokenizer
 from lm import checkpoint
-from lm.generate import generate
-from lm.model import GPT
+from lm.export import load
+from lm.generate import check_sampling, generate
 
 
 def parse_args(argv):
@@ -38,14 +38,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def load_model(args):
-    ckpt = checkpoint.resolve(args.path)
-    cfg = checkpoint.load_config(ckpt)
+def check_args(args) -> torch.device:
+    """Refuse settings with no meaning before anything loads; returns the device to sample on."""
+    check_sampling(lambda name: "--" + name.replace("_", "-"), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
+    if "" in args.stop:
+        raise ValueError("--stop '': an empty stop text would end every sample at its first token")
+    if args.int8 and args.dtype != "float32":
+        raise ValueError(f"--int8 computes in float32; it cannot be combined with --dtype {args.dtype}")
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # a device this torch build or machine lacks fails here
+    except (RuntimeError, AssertionError) as e:  # torch says "not compiled with CUDA" by AssertionError
+        raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def load_model(args, device):
+    ckpt, model = load(args.path, device)
     tokenizer = load_tokenizer(ckpt)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model = GPT(cfg.model)
-    checkpoint.load_model(ckpt, model)
-    model.eval()
     if args.int8:
         from lm.quantize import quantize_int8
 
@@ -103,7 +119,8 @@ def run(model, tokenizer, device, args, prompts: list[str]):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer, device = load_model(args)
+        device = check_args(args)
+        model, tokenizer, device = load_model(args, device)
         if not args.interactive:
             run(model, tokenizer, device, args, args.prompt or [""])
             return 0

@@ -20,8 +20,11 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="TOML config file, e.g. configs/quickstart.toml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value, e.g. train.max_steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    parser.add_argument("--resume-from-last-good", action="store_true",
+                        help="like --resume, but when the newest checkpoint is damaged continue from the newest "
+                             "intact one (named on the console)")
     plan = parser.add_argument_group("planning (no training, no data, no GPU needed)")
     plan.add_argument("--plan", action="store_true",
                       help="print parameters, FLOPs/token, per-GPU memory, the largest micro-batch that fits and "
@@ -35,14 +38,15 @@ def main(argv=None) -> int:
                       help="sequences per GPU per forward (default: train.batch_size)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of the table")
     plan.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON to PATH")
-    args = parser.parse_args(argv)
+    # flags may come anywhere among the overrides: `train.py CFG a.b=1 --resume c.d=2`
+    args = parser.parse_intermixed_args(argv)
     if args.plan:
         return print_plan(args)
     from lm.trainer import Trainer, TrainingError  # after argument parsing, so --help is instant
 
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume or args.resume_from_last_good, last_good=args.resume_from_last_good)
         try:
             result = trainer.run()
         finally:

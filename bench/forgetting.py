@@ -28,7 +28,7 @@ from lm.trainer import Trainer  # noqa: E402
 EXCLUDE = ["**/site-packages/**", "**/test/**", "**/tests/**"]
 # small enough for ~0.2 s/step on 2 CPU cores; a batch of 20 holds 5% and 25% replay exactly
 MODEL = ["model.n_layer=3", "model.n_head=4", "model.n_embd=96", "model.block_size=64", "model.dropout=0.0",
-         "train.batch_size=20", "train.eval_iters=10", "train.device=cpu", "train.dtype=float32",
+         "train.batch_size=20", "train.eval_sequences=200", "train.device=cpu", "train.dtype=float32",
          "log.progress=false", "log.interval=50", "optim.lr=2e-3", "optim.min_lr=2e-4", "optim.weight_decay=0.1",
          "train.keep_checkpoints=1", "train.threads=2"]
 # name -> overrides of the continued run (A is the replay source / old domain, B the new one)
@@ -96,7 +96,9 @@ def main():
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="domain B: *.py under this dir")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps, and continued steps per method")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"a subset of: {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="*", default=list(METHODS),
+                   # argparse %-formats help: escape the % of "replay 5%"
+                   help=f"a subset of: {', '.join(METHODS)}".replace("%", "%%"))
     p.add_argument("--work", type=Path, default=Path("/tmp/lmforge-forgetting"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "forgetting.json")
     args = p.parse_args()

@@ -87,7 +87,6 @@ def main():
         from lm.export import load
 
         ckpt, trained = load(args.checkpoint)
-        trained.eval()
         fp32_ppl = val_perplexity(trained, ckpt)
         q = quantize_int8(copy.deepcopy(trained))
         result["quality"] = {"checkpoint": str(ckpt), "fp32_val_ppl": fp32_ppl, "int8_val_ppl": val_perplexity(q, ckpt)}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError
+from .hashing import mix64
 
 _U64 = np.uint64
 _P32 = 0x01000193  # odd multiplier of the byte-level polynomial word hash (mod 2^32)
@@ -25,15 +26,6 @@ _ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
 def exact_key(text: str) -> bytes:
     """16-byte digest of the text with whitespace runs collapsed (so trailing newlines do not hide a copy)."""
     return hashlib.blake2b(" ".join(text.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer: spreads structured inputs (similar words) over all 64 bits."""
-    x = x ^ (x >> _U64(30))
-    x = x * _U64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> _U64(27))
-    x = x * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ class MinHasher:
         with np.errstate(over="ignore"):
             prefix = np.concatenate(([np.uint32(0)], np.cumsum(data * pw, dtype=np.uint32)))
             h = ((prefix[ends] - prefix[starts]) * ipw[starts]).astype(np.uint64)
-            return _mix(h | ((ends - starts).astype(np.uint64) << _U64(32)))
+            return mix64(h | ((ends - starts).astype(np.uint64) << _U64(32)))
 
     def shingles(self, text: str) -> np.ndarray:
         """uint32 hash of every n-word shingle."""
@@ -99,7 +91,7 @@ class MinHasher:
                 acc = np.zeros(words.size - n + 1, dtype=np.uint64)
                 for j in range(n):
                     acc += words[j:words.size - n + 1 + j] * self._gram[j]
-            return (_mix(acc) >> _U64(32)).astype(np.uint32)
+            return (mix64(acc) >> _U64(32)).astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray | None:
         """uint32[num_perm] MinHash signature, or None for a text without words."""

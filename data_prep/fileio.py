@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -16,6 +17,24 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class Crc32:
+    """zlib.crc32 behind hashlib's update/hexdigest interface."""
+
+    def __init__(self):
+        self._value = 0
+
+    def update(self, data) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+def new_hash(algo: str):
+    """A running hash by name: "crc32" (cheap, to catch corruption) or any hashlib algorithm."""
+    return Crc32() if algo == "crc32" else hashlib.new(algo)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -34,7 +34,7 @@ def val_score(seed: int, doc: Document) -> float:
 
 
 @dataclass
-class Plan:
+class DocumentPlan:
     side: np.ndarray  # uint8 per document ordinal: DROP, TRAIN or VAL
     split_mode: str  # "none", "position" (one document cut by characters) or "document"
     cut: int = 0  # position mode: characters of the single document that go to train
@@ -149,7 +149,7 @@ class Planner:
             self.removed.add(f"duplicate_{kind}", source)
             self._side[ordinal] = DROP
 
-    def finish(self) -> Plan:
+    def finish(self) -> DocumentPlan:
         side = np.frombuffer(bytes(self._side), dtype=np.uint8).copy()
         kept = np.flatnonzero(side)
         removed = self.removed.to_json()
@@ -165,8 +165,8 @@ class Planner:
                 side[kept[np.argmin(scores[kept])]] = VAL
             if not np.any(side[kept] == TRAIN):
                 side[kept[np.argmax(scores[kept])]] = TRAIN
-        plan = Plan(side=side, split_mode=mode, removed=removed, modified=self.cleaner.modified.to_json(),
-                    documents_seen=len(side))
+        plan = DocumentPlan(side=side, split_mode=mode, removed=removed,
+                            modified=self.cleaner.modified.to_json(), documents_seen=len(side))
         if mode == "position":
             n = self._chars[int(kept[0])]
             if n < 2:
@@ -175,7 +175,7 @@ class Planner:
             side[kept[0]] = TRAIN
         return plan
 
-    def tokenizer_texts(self, plan: Plan) -> list[str]:
+    def tokenizer_texts(self, plan: DocumentPlan) -> list[str]:
         """The tokenizer's training sample: train documents only (position mode: the train part)."""
         if plan.split_mode == "position":
             return [t[:plan.cut] for t in self.sample.texts(lambda o: True)]

@@ -306,11 +306,12 @@ def _meta(config: dict, tok: Tokenizer, tok_path: Path, info: dict, entries: dic
         "pad_id": tok.pad_id,
         "tokenizer": {"kind": tok.kind, "file": tok_path.name, "sha256": file_sha256(tok_path),
                       "trained_on": info["trained_on"],
+                      "requested_kind": None if reused else config["tokenizer"],
                       "requested_vocab_size": None if reused or tok.kind == "char" else config["vocab_size"]},
         "splits": entries,
         "source": {
             "inputs": config["inputs"],
-            "resolved_inputs": config["inputs"],
+            "resolved_inputs": [os.path.abspath(s) for s in config["inputs"]],  # to compare from any cwd
             "exclude": config["exclude"],
             "text_field": config["text_field"],
             "files": info["files"],

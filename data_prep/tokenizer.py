@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
-from .shards import check_tokenizer_hash
+from .shards import META_FILE, check_tokenizer_hash, read_meta
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -63,11 +63,13 @@ class CharTokenizer(Tokenizer):
     splits_at_lines = True
 
     def __init__(self, chars: Sequence[str]):
-        chars = list(chars)
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise DataError(f"char tokenizer: vocabulary must be distinct single characters, got {len(chars)} entries")
-        self.chars = chars
-        self._stoi = {c: i for i, c in enumerate(chars)}
+        self.chars = list(chars)
+        self._stoi: dict[str, int] = {}
+        for i, c in enumerate(self.chars):
+            if not (isinstance(c, str) and len(c) == 1):
+                raise DataError(f"char tokenizer: entry {i} is {c!r}, not a single character")
+            if self._stoi.setdefault(c, i) != i:
+                raise DataError(f"char tokenizer: entry {i} {c!r} repeats entry {self._stoi[c]}")
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -122,11 +124,14 @@ class CharTokenizer(Tokenizer):
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
-            if obj.get("kind") != "char" or not isinstance(obj.get("chars"), list):
-                raise ValueError('expected {"kind": "char", "chars": [...]}')
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a char tokenizer file ({e})") from None
-        return cls(obj["chars"])
+        if not isinstance(obj, dict) or obj.get("kind") != "char" or not isinstance(obj.get("chars"), list):
+            raise DataError(f'{path}: not a char tokenizer file (expected {{"kind": "char", "chars": [...]}})')
+        try:
+            return cls(obj["chars"])
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
 
 
 class BPETokenizer(Tokenizer):
@@ -257,14 +262,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: tokenizer directory does not exist")
-    meta_path = directory / "meta.json"
+    meta_path = directory / META_FILE
     meta = None
     if meta_path.is_file():  # a prepared dataset names its tokenizer file
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            name = meta["tokenizer"]["file"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{meta_path}: cannot read tokenizer entry ({e!r})") from None
+        meta = read_meta(directory)
+        name = meta["tokenizer"]["file"]
         if name not in kinds:
             raise DataError(f"{meta_path}: unknown tokenizer file {name!r}")
         candidates = [name]
@@ -277,6 +279,12 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     path = directory / candidates[0]
     if not path.is_file():
         raise DataError(f"{path}: tokenizer file named in meta.json is missing")
-    if meta is not None:
-        check_tokenizer_hash(directory, meta)
-    return kinds[candidates[0]].load(path)
+    if meta is None:
+        return kinds[candidates[0]].load(path)
+    check_tokenizer_hash(directory, meta)
+    tok = kinds[candidates[0]].load(path)
+    # The shards' id range is checked against meta.json's vocab_size: it must be the tokenizer's.
+    if (tok.vocab_size, tok.eos_id) != (meta["vocab_size"], meta["eos_id"]):
+        raise DataError(f"{meta_path}: vocab_size {meta['vocab_size']} and eos_id {meta['eos_id']} disagree with "
+                        f"{path} (vocab_size {tok.vocab_size}, eos_id {tok.eos_id})")
+    return tok

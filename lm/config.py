@@ -44,6 +44,7 @@ class ModelConfig:
     activation: str = "gelu"  # MLP nonlinearity: "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
     attention: str = "sdpa"  # "sdpa" (torch) or "triton" (our fused flash attention, kernels/)
     layernorm: str = "torch"  # "torch" or "triton" (our fused LayerNorm, kernels/)
+    loss_chunk: int = 0  # tokens per chunk of the head + cross-entropy (lm/loss.py); 0: whole fp32 logits
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DataConfig:
     dir: str = "data/default"  # prepared shards (python -m data_prep); prepared from `inputs` if missing
     inputs: list[str] = field(default_factory=list)  # files, directories or globs; ${stdlib} expands
     exclude: list[str] = field(default_factory=list)  # globs left out of `inputs`
-    url: str = ""  # downloaded once to inputs[0] when that file is missing
+    url: str = ""  # when `inputs` is empty: downloaded once to DIR.download/NAME and prepared from
     sha256: str = ""  # checksum the download must match
     tokenizer: str = "bpe"  # "bpe" (byte-level, HF tokenizers) or "char"
     vocab_size: int = 8192  # tokenizer vocabulary to train (bpe)
@@ -93,7 +94,7 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     eval_interval: int = 250  # steps between validation runs (and checkpoints)
-    eval_iters: int = 20  # validation batches per evaluation
+    eval_sequences: int = 240  # validation windows per set and evaluation: the same for any world size
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     checkpoint_interval: int = 0  # steps between checkpoints; 0: at every evaluation
@@ -195,6 +196,7 @@ CHOICES = {
     ("continual", "ewc_labels"): ("model", "empirical"),
 }
 ROLES = ("new", "replay")
+MAX_PARAMS = 10 ** 12  # 100x the largest preset; beyond it a shape is a mistake, not a model
 
 
 def parse_sources(entries: list[str]) -> list[tuple[str, float, str]]:
@@ -249,7 +251,14 @@ def _closest(name: str, options) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# Keys of earlier releases: what replaced them.
+RENAMED = {("train", "eval_iters"): "train.eval_sequences (validation windows, the same for any world size; "
+                                    "eval_iters x batch_size gives the old number)"}
+
+
 def _unknown_key(where: str, section: str, key: str) -> ConfigError:
+    if (section, key) in RENAMED:
+        return ConfigError(f"{where}: '{section}.{key}' was replaced by {RENAMED[section, key]}")
     match = difflib.get_close_matches(key, list(_field_types(section)), n=1, cutoff=0.0)
     hint = f" (did you mean '{section}.{match[0]}'?)" if match else ""
     return ConfigError(f"{where}: unknown key '{section}.{key}'{hint}")
@@ -328,9 +337,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         _merge(raw, str(path), values)
+    origins = {}  # "section.key" -> the override that set it, so a bad value names the override
     for text in overrides:
         section, key, value = parse_override(text)
         _merge({section: {key: value}}, f"override '{text}'", values)
+        origins[f"{section}.{key}"] = f"override '{text}'"
 
     preset = values["model"].get("preset", "")
     if preset:
@@ -338,14 +349,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path or 'config'}: unknown model.preset '{preset}'{_closest(preset, PRESETS)}")
         values["model"] = {**PRESETS[preset], **values["model"]}
     cfg = _build(values)
-    validate(cfg, str(path) if path is not None else "config")
+    validate(cfg, str(path) if path is not None else "config", origins)
     return cfg
 
 
-def validate(cfg: Config, where: str):
-    """Reject impossible values, naming the key."""
+def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
+    """Reject impossible values, naming the key and where it was set (the file, or an override)."""
     def bad(key, why):
-        raise ConfigError(f"{where}: {key} {why}")
+        raise ConfigError(f"{(origins or {}).get(key, where)}: {key} {why}")
 
     for (section, key), options in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -357,8 +368,18 @@ def validate(cfg: Config, where: str):
             bad(f"model.{key}", "must be >= 1")
     if m.vocab_size < 0:
         bad("model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
+    if m.loss_chunk < 0:
+        bad("model.loss_chunk", "must be >= 0 (tokens per chunk of the loss; 0: whole logits)")
     if m.n_embd % m.n_head:
         bad("model.n_embd", f"= {m.n_embd} is not divisible by model.n_head = {m.n_head}")
+    # Refused before anything is allocated (a typo, or a damaged config.toml in a checkpoint): embeddings,
+    # then 12 n_embd^2 per block (attention 4, MLP 8).
+    params = (m.vocab_size + m.block_size) * m.n_embd + 12 * m.n_layer * m.n_embd ** 2
+    if params > MAX_PARAMS:
+        shape = {f"model.{k}": getattr(m, k) for k in ("n_layer", "n_embd", "vocab_size", "block_size")}
+        origin = next((origins[k] for k in shape if k in (origins or {})), where)
+        raise ConfigError(f"{origin}: {', '.join(f'{k} = {v}' for k, v in shape.items())} make ~{params:.1e} "
+                          f"parameters, more than the {MAX_PARAMS:.0e} a model here can have")
     if not 0.0 <= m.dropout < 1.0:
         bad("model.dropout", f"= {m.dropout} must be in [0, 1)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -373,7 +394,7 @@ def validate(cfg: Config, where: str):
         bad("optim.weight_decay", "optim.grad_clip must be >= 0 and optim.eps > 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         bad("optim.beta1", "and optim.beta2 must be in [0, 1)")
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "keep_checkpoints"):
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_sequences", "keep_checkpoints"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", f"= {getattr(t, key)} must be >= 1")
     if t.keep_every < 0 or t.checkpoint_interval < 0:
@@ -431,7 +452,16 @@ def to_toml(cfg: Config) -> str:
 def config_from_toml_text(text: str, where: str) -> Config:
     """Rebuild a Config saved by `to_toml` (e.g. inside a checkpoint)."""
     values: dict[str, dict] = {name: {} for name in _SECTION_TYPES}
-    _merge(tomllib.loads(text), where, values)
+    _merge(_upgrade(tomllib.loads(text)), where, values)
     cfg = _build(values)
     validate(cfg, where)
     return cfg
+
+
+def _upgrade(raw: dict) -> dict:
+    """A config saved by an earlier release, in today's keys (so its checkpoints still load)."""
+    train = raw.get("train")
+    if isinstance(train, dict) and "eval_iters" in train:
+        iters = train.pop("eval_iters")
+        train.setdefault("eval_sequences", iters * train.get("batch_size", TrainConfig.batch_size))
+    return raw

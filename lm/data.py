@@ -7,26 +7,20 @@ does not depend on how many processes read it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from pathlib import Path
+import urllib.parse
+import urllib.request
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from data_prep import DataError, TokenReader, is_prepared, prepare
+from data_prep import DataError, TokenReader, is_prepared, prepare, read_meta
+from data_prep.hashing import splitmix64
 from data_prep.mixture import Mixture
+from data_prep.sources import expand_placeholders
 from lm.config import DataConfig
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash of each element (Steele et al., SplitMix64 finalizer)."""
-    with np.errstate(over="ignore"):
-        z = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return z ^ (z >> np.uint64(31))
 
 
 class SampleStream:
@@ -82,43 +76,104 @@ class MixedStream:
 
 def check_same_tokenizer(dirs: list[Path]):
     """Sources mixed in one run must share a tokenizer: ids from different vocabularies are noise."""
-    first = TokenReader(dirs[0], "train").meta["tokenizer"]["sha256"]
+    first = read_meta(dirs[0])["tokenizer"]["sha256"]
     for d in dirs[1:]:
-        if TokenReader(d, "train").meta["tokenizer"]["sha256"] != first:
+        if read_meta(d)["tokenizer"]["sha256"] != first:
             raise DataError(f"{d} and {dirs[0]} were prepared with different tokenizers; re-prepare one "
                             f"with --tokenizer-from the other")
 
 
 def ensure_prepared(cfg: DataConfig, show_progress: bool = True) -> Path:
-    """The prepared shard directory for this config, preparing it from `cfg.inputs` first if missing."""
+    """The prepared shard directory for this config, preparing it first if missing.
+
+    The inputs are `data.inputs`; when that is empty and `data.url` is set, the file at the url, downloaded
+    once to download_path(cfg): a path derived from `data.dir`, never one the user named. An existing
+    directory is checked against the config (see check_prepared_as_configured).
+    """
     out = Path(cfg.dir)
     if is_prepared(out):
+        check_prepared_as_configured(cfg, out)
         return out
-    if not cfg.inputs:
-        raise DataError(f"{out}: no prepared data (meta.json) and data.inputs is empty; run "
+    inputs = list(cfg.inputs)
+    if not inputs and cfg.url:
+        inputs = [str(download_path(cfg))]
+        download_once(cfg.url, Path(inputs[0]), cfg.sha256)
+    if not inputs:
+        raise DataError(f"{out}: no prepared data (meta.json) and data.inputs and data.url are empty; run "
                         f"`python -m data_prep prepare INPUT --out {out}` or set data.inputs")
-    if cfg.url:
-        download_once(cfg.url, Path(cfg.inputs[0]), cfg.sha256)
-    print(f"preparing {out} from {', '.join(cfg.inputs)} ({cfg.tokenizer} tokenizer)", flush=True)
-    prepare(cfg.inputs, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
+    print(f"preparing {out} from {', '.join(inputs)} ({cfg.tokenizer} tokenizer)", flush=True)
+    prepare(inputs, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
             exclude=cfg.exclude, text_field=cfg.text_field, show_progress=show_progress)
     return out
 
 
-def download_once(url: str, path: Path, sha256: str):
-    """Fetch `url` to `path` unless it is already there; the file must match `sha256` when given."""
-    if not path.exists():
-        import urllib.request
+def download_path(cfg: DataConfig) -> Path:
+    """Where `data.url` is downloaded: DIR.download/NAME beside data.dir (NAME: the url's last part), a
+    path the config owns. It stays out of DIR itself, which holds only a prepared dataset, and survives
+    deleting DIR to re-prepare it."""
+    out = Path(cfg.dir)
+    name = PurePosixPath(urllib.parse.urlparse(cfg.url).path).name or "download"
+    return out.parent / f"{out.name}.download" / name
 
-        print(f"downloading {url} -> {path}", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        try:
-            urllib.request.urlretrieve(url, tmp)
-        except OSError as e:
-            raise DataError(f"{url}: download failed ({e}); place the file at {path} yourself") from None
-        os.replace(tmp, path)
+
+def _same_paths(a: list[str], b: list[str]) -> bool:
+    # Inputs as written may be relative ("./x", "x", "../d/x"): compare them made absolute.
+    return [os.path.abspath(p) for p in a] == [os.path.abspath(p) for p in b]
+
+
+def check_prepared_as_configured(cfg: DataConfig, out: Path) -> None:
+    """Refuse a prepared `out` whose recorded inputs or settings differ from the config's: training would
+    silently use other tokens than the config names. A config with no data.inputs takes `out` as it is
+    (prepared by hand with `python -m data_prep prepare`), unless `out` was prepared from its download."""
+    meta = read_meta(out)
+    source, tok = meta["source"], meta["tokenizer"]
+    recorded = source["inputs"]
+    if cfg.inputs:
+        configured = [expand_placeholders(s) for s in cfg.inputs]
+        # resolved_inputs are absolute (older datasets: as written, relative to the directory run in)
+        if not _same_paths(configured, source.get("resolved_inputs", recorded)):
+            raise DataError(f"{out} was prepared from {json.dumps(recorded)} but data.inputs is "
+                            f"{json.dumps(configured)}; set data.dir to a new directory for these inputs "
+                            f"(or delete {out} to re-prepare it)")
+    elif not (cfg.url and _same_paths([str(download_path(cfg))], recorded)):
+        return
+    kind = tok.get("requested_kind", tok["kind"])  # None: a tokenizer reused from another dataset
+    settings = [("exclude", source["exclude"], cfg.exclude), ("text_field", source["text_field"], cfg.text_field),
+                ("val_fraction", source["val_fraction"], cfg.val_fraction)]
+    if kind is not None:
+        settings.append(("tokenizer", kind, cfg.tokenizer))
+    if kind != "char" and tok.get("requested_vocab_size") is not None:
+        settings.append(("vocab_size", tok["requested_vocab_size"], cfg.vocab_size))
+    for key, was, now in settings:
+        if was != now:
+            raise DataError(f"{out} was prepared with data.{key} = {json.dumps(was)} but the config sets "
+                            f"{json.dumps(now)}; set data.dir to a new directory for these settings "
+                            f"(or delete {out} to re-prepare it)")
+
+
+def download_once(url: str, path: Path, sha256: str):
+    """Fetch `url` to `path` unless it is already there; the file must match `sha256` when given. A
+    download that fails the check is deleted, never left where the next run would take it."""
+    if path.exists():
+        _check_sha256(path, sha256, path)
+        return
+    print(f"downloading {url} -> {path}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+        _check_sha256(tmp, sha256, url)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed ({e}); place the file at {path} yourself") from None
+    except DataError:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)
+
+
+def _check_sha256(path: Path, sha256: str, name) -> None:
     if sha256:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != sha256:
-            raise DataError(f"{path}: sha256 {digest} does not match data.sha256 {sha256}")
+            raise DataError(f"{name}: sha256 {digest} does not match data.sha256 {sha256}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep import DataError, load_tokenizer
 from lm import checkpoint
+from lm.attention import inference_backends
 from lm.config import to_toml
 from lm.hf import hf_config, to_hf_state
 from lm.model import GPT
@@ -21,14 +22,18 @@ from lm.model import GPT
 EOS = "<|endoftext|>"
 
 
-def load(path) -> tuple[Path, GPT]:
+def load(path, device="cpu") -> tuple[Path, GPT]:
+    """The checkpoint `path` resolves to, and its model for inference (eval mode, built on the CPU) with
+    kernels that can run on `device`: one loader for sampling, export and benchmarks."""
     ckpt = checkpoint.resolve(path)
-    model = GPT(checkpoint.load_config(ckpt).model)
+    model = GPT(inference_backends(checkpoint.load_config(ckpt).model, device))
     checkpoint.load_model(ckpt, model)
-    return ckpt, model
+    return ckpt, model.eval()
 
 
 def _fresh_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise checkpoint.CheckpointError(f"{out}: exists and is not a directory; choose another output directory")
     if out.exists() and any(out.iterdir()):
         raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose another output directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +102,9 @@ def main(argv=None) -> int:
         (export_hf if args.format == "hf" else export_safetensors)(ckpt, model, out)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the export: a full disk, a read-only directory
+        print(f"error: {args.out}: cannot write the export ({e.strerror or e}: {e.filename})", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({args.format}) from {ckpt}")
     return 0

@@ -4,11 +4,67 @@ context limit: stop, or slide the window (rebuilding the cache over its last thr
 together, when its longest row fills the context)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from lm.model import GPT, KVCache
+from lm.config import ModelConfig
+from lm.model import GPT
+
+# What each sampling setting must be, checked by generate() and by sample.py's flags alike. Each rule says
+# what is allowed, so NaN (false in every comparison) fails it.
+SAMPLING_RULES = {
+    "max_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "temperature": (lambda v: 0 <= v < math.inf, ">= 0 and finite (0 is greedy)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 keeps every token)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 keeps every token)"),
+    "repetition_penalty": (lambda v: 0 < v < math.inf, "> 0 and finite (1 is no penalty)"),
+}
+
+
+def check_sampling(label: Callable[[str], str] = str, **settings):
+    """Raise ValueError naming the first setting outside SAMPLING_RULES; `label` turns a setting's name
+    into what the caller calls it (a command-line flag)."""
+    for name, value in settings.items():
+        ok, must = SAMPLING_RULES[name]
+        if not ok(value):
+            raise ValueError(f"{label(name)} {value}: must be {must}")
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled as tokens are generated. Rows of a batch may
+    be left-padded (`pad[b]` slots): padding is never attended to and positions start after it."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots filled so far
+        self.max_len = max_len
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+
+    def positions(self, T: int, device):
+        pos = torch.arange(self.length, self.length + T, device=device)
+        return pos if self.pad is None else (pos[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attention_mask(self, T: int, device):
+        """None without padding; else (B, 1, T, S) bool: causal, padding hidden (a padded query sees itself
+        so its softmax stays finite; its output is never used)."""
+        if self.pad is None:
+            return None
+        S = self.length + T
+        query = torch.arange(self.length, S, device=device)[:, None]
+        key = torch.arange(S, device=device)[None, :]
+        visible = (key <= query) & (key >= self.pad[:, None, None])
+        return (visible | (key == query))[:, None]
+
+    def update(self, layer: int, k, v):
+        """Store this step's k, v for `layer`; return all keys and values so far."""
+        start, end = self.length, self.length + k.size(-2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -47,6 +103,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), each ending at EOS (included), when `stop(row, new_tokens)`
     says so, or after max_new_tokens. temperature 0 is greedy. `on_token(row, token)` streams them."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty)
     if at_limit not in ("stop", "slide"):
         raise ValueError(f"at_limit must be 'stop' or 'slide', got {at_limit!r}")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -83,6 +83,8 @@ def load_hf_weights(directory: Path, model: torch.nn.Module):
     """Copy a HF GPT-2 `model.safetensors` into our model (shapes checked tensor by tensor)."""
     from safetensors.torch import load_file
 
+    from lm.parallel import shard_like
+
     path = directory / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (only safetensors weights are read, never pickles)")
@@ -99,4 +101,4 @@ def load_hf_weights(directory: Path, model: torch.nn.Module):
             raise CheckpointError(f"{path}: '{key}' has shape {tuple(src.shape)}, the model expects "
                                   f"{tuple(target.shape)}")
         with torch.no_grad():
-            target.copy_(src)
+            target.copy_(shard_like(src.to(target.dtype), target))  # under FSDP: this rank's shard

@@ -29,6 +29,15 @@ def peak_flops(device, dtype: str) -> float | None:
     return max(matches, key=lambda kv: len(kv[0][0]))[1] if matches else None  # the most specific name
 
 
+def _step(line: str) -> int | None:
+    """A record's step; None for a line that is not a whole JSON record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Written by rank 0 only (`enabled`); the other ranks' calls do nothing."""
 
@@ -50,11 +59,14 @@ class MetricsLog:
                                     config=cfg.to_dict(), dir=str(run_dir), resume="allow")
 
     def _drop_after(self, step: int):
+        """Keep the records up to the checkpoint's step; drop the later ones (trained again) and a line
+        torn by a kill mid-write. Rewritten atomically: a second kill loses nothing."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None and _step(line) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, record: dict):
         if not self.enabled:

@@ -2,90 +2,26 @@
 
 Token + learned position embeddings, pre-LayerNorm blocks, causal self-attention, GELU MLP, dropout on
 embeddings / attention / residuals, a final LayerNorm, and an output head tied to the token embedding.
+The attention and LayerNorm kernels come from lm.attention (model.attention, model.layernorm); the KV cache
+that `forward` fills during generation is lm.generate.KVCache.
 """
 from __future__ import annotations
 
 import math
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lm.attention import ATTENTION, make_layernorm
 from lm.config import ModelConfig
+from lm.loss import linear_cross_entropy
 
-
-def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None):
-    """(B, H, T, D) queries against (B, H, S, D) keys/values; with causal and S > T the queries are the
-    last T positions (a KV cache prefix sits before them). `mask` (bool, True = attend), when given,
-    already holds the causal structure (batched generation with padding)."""
-    T, S = q.size(-2), k.size(-2)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    if not causal or T == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
-def triton_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None):
-    """Our fused flash-attention kernel (kernels/); generation with a KV cache or padding uses SDPA."""
-    if q.size(-2) != k.size(-2) or mask is not None:
-        return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
-    from kernels.flash_attention import flash_attention  # Triton is imported only when selected
-
-    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
-
-
-# The attention interface: name -> fn(q, k, v, *, causal, dropout_p, mask=None), chosen by model.attention.
-ATTENTION = {"sdpa": sdpa_attention, "triton": triton_attention}
-
-
-def make_layernorm(cfg: ModelConfig) -> nn.Module:
-    """nn.LayerNorm, or our fused Triton LayerNorm (same parameter names, so checkpoints interchange)."""
-    if cfg.layernorm == "triton":
-        from kernels.layer_norm import TritonLayerNorm
-
-        return TritonLayerNorm(cfg.n_embd, bias=cfg.bias)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-
-
-class KVCache:
-    """Preallocated keys and values for every layer, filled as tokens are generated. Rows of a batch may
-    be left-padded (`pad[b]` slots): padding is never attended to and positions start after it."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # slots filled so far
-        self.max_len = max_len
-        self.pad = pad if pad is not None and bool(pad.any()) else None
-
-    def positions(self, T: int, device):
-        pos = torch.arange(self.length, self.length + T, device=device)
-        return pos if self.pad is None else (pos[None, :] - self.pad[:, None]).clamp(min=0)
-
-    def attention_mask(self, T: int, device):
-        """None without padding; else (B, 1, T, S) bool: causal, padding hidden (a padded query sees itself
-        so its softmax stays finite; its output is never used)."""
-        if self.pad is None:
-            return None
-        S = self.length + T
-        query = torch.arange(self.length, S, device=device)[:, None]
-        key = torch.arange(S, device=device)[None, :]
-        visible = (key <= query) & (key >= self.pad[:, None, None])
-        return (visible | (key == query))[:, None]
-
-    def update(self, layer: int, k, v):
-        """Store this step's k, v for `layer`; return all keys and values so far."""
-        start, end = self.length, self.length + k.size(-2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+if TYPE_CHECKING:  # generation's KV cache; lm.generate imports this module
+    from lm.generate import KVCache
 
 
 class CausalSelfAttention(nn.Module):
@@ -186,7 +122,9 @@ class GPT(nn.Module):
             if non_embedding else n
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """Logits for every position; with targets, also the mean cross-entropy loss."""
+        """(logits, loss): logits for every position and, with targets, the mean cross-entropy (targets of
+        -100 are ignored). With targets and model.loss_chunk > 0 the loss is computed chunk by chunk
+        without the whole logits (lm/loss.py) and the logits returned are None."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -203,8 +141,14 @@ class GPT(nn.Module):
                 x = block(x, cache, mask)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
         if targets is None:
-            return logits, None
+            return self.lm_head(x), None
+        if self.cfg.loss_chunk and type(self.lm_head) is nn.Linear:  # (not a quantized head: lm.quantize)
+            # the head and the loss chunk by chunk of tokens: the whole fp32 logits never exist (lm/loss.py)
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        self.cfg.loss_chunk)
+            return None, loss
+        logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

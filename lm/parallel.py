@@ -48,6 +48,22 @@ def close_world():
         dist.destroy_process_group()
 
 
+def barrier():
+    """Wait for every rank; nothing to wait for in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `param`: under FSDP a DTensor holding this rank's slice (each rank reads the
+    whole tensor and keeps its part, no communication); in one process `full` itself."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full
+
+
 def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         value = value.detach().clone()

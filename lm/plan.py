@@ -23,8 +23,14 @@ Memory per GPU (FSDP2, `lm.parallel.shard`: fp32 master weights, bf16 compute, f
                    2·s·b·h per layer, plus one block's full 34·s·b·h while it is recomputed; "every" keeps
                    the checkpointed blocks' inputs and the others' full activations. The final LayerNorm
                    adds 4·s·b·h (its input and output).
-    logits         b·s·V × (4 + 4 + 4): the fp32 log-probs the loss saves, their gradient and the logits'
-                   gradient; + 2 for the bf16 logits themselves when computing in bf16.
+    logits         model.loss_chunk = 0: b·s·V × (4 + 4 + 4): the fp32 log-probs the loss saves, their
+                   gradient and the logits' gradient; + 2 for the bf16 logits themselves when computing in
+                   bf16. model.loss_chunk = k > 0 (lm/loss.py, the head and the loss chunk by chunk, the
+                   gradients computed in the forward): one chunk's logits min(k, b·s)·V × (4 + 2 in bf16:
+                   the fp32 softmax and the bf16 copy of its gradient), the fp32 grad_weight accumulator
+                   4·V·h (+ 2·V·h for a chunk's bf16 product before it is added), and grad_hidden b·s·h ×
+                   (activation bytes under FSDP, 4 in one process, whose autocast keeps the final norm's
+                   output fp32), held from the loss to the start of backward.
     temporaries    FSDP2 (W > 1): the all-gathered bf16 weights of the largest block and of the next one
                    (prefetched) 2 × 2·P_block; that block's unsharded bf16 gradient and its fp32 copy for
                    the reduce-scatter 6·P_block; the root module (embeddings, final norm) stays gathered
@@ -51,7 +57,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from lm.config import Config, ConfigError, ModelConfig
 from lm.metrics import PEAK_FLOPS
@@ -111,13 +117,11 @@ def _resolved_vocab(cfg: Config) -> ModelConfig:
     if m.vocab_size >= 1:
         return m
     # vocab_size 0 takes the tokenizer's size at training time; the BPE tokenizer will have data.vocab_size
-    from dataclasses import replace
-
     return replace(m, vocab_size=cfg.data.vocab_size)
 
 
 @dataclass
-class Plan:
+class RunPlan:
     world_size: int
     rank: int
     micro_batch: int
@@ -140,7 +144,9 @@ class Plan:
     mem_activations_none: float  # without checkpointing
     mem_activations_full: float  # with full checkpointing
     mem_activations_no_flash: float  # without checkpointing and without flash attention (reference)
-    mem_logits: float
+    mem_logits: float  # with the config's model.loss_chunk
+    mem_logits_whole: float  # the whole fp32 logits (model.loss_chunk = 0), for comparison
+    loss_chunk: int
     mem_temporaries: float
     mem_grad_accum: int  # unsharded fp32 gradients between micro-steps (FSDP2 no-sync)
     mem_total: float
@@ -175,6 +181,18 @@ def _activation_bytes(m: ModelConfig, b: int, act_bytes: int, mode: str, every: 
     return kept + recompute + final_norm
 
 
+def _logits_bytes(m: ModelConfig, b: int, dtype: str, sharded: bool) -> float:
+    """The loss's logits and what replaces them with model.loss_chunk (see "logits" in the docstring)."""
+    tokens, V, h = b * m.block_size, m.vocab_size, m.n_embd
+    low = dtype in ("bfloat16", "float16")
+    if m.loss_chunk == 0:
+        return tokens * V * (12 + (2 if low else 0))
+    chunk = min(m.loss_chunk, tokens) * V * (4 + (2 if low else 0))
+    grad_weight = V * h * (4 + (2 if low else 0))
+    grad_hidden = tokens * h * (2 if sharded and dtype == "bfloat16" else 4)  # fp16: kept in fp32 (lm/loss.py)
+    return chunk + grad_weight + grad_hidden
+
+
 def _memory(cfg: Config, m: ModelConfig, world_size: int, rank: int, b: int, dtype: str, mode: str,
             device_activations: bool = True) -> dict:
     """Per-rank bytes of each part for micro-batch b (see the module docstring)."""
@@ -196,7 +214,7 @@ def _memory(cfg: Config, m: ModelConfig, world_size: int, rank: int, b: int, dty
     return dict(
         mem_params=4 * local, mem_grads=4 * local, mem_optimizer=8 * local,
         mem_activations=_activation_bytes(m, b, act_bytes, mode, cfg.parallel.ac_every),
-        mem_logits=b * s * V * (12 + (2 if act_bytes == 2 else 0)),
+        mem_logits=_logits_bytes(m, b, dtype, world_size > 1),
         mem_temporaries=temporaries,
         mem_grad_accum=4 * n_params if world_size > 1 and cfg.train.grad_accum > 1 else 0,
     )
@@ -221,7 +239,7 @@ def _max_micro_batch(cfg, m, world_size, rank, dtype, mode, usable, limit=4096) 
 
 
 def plan(cfg: Config, world_size: int = 1, micro_batch: int | None = None, gpu: str = "H100",
-         gpu_memory: float = 80e9, mfu: float = 0.4, rank: int = 0, dtype: str | None = None) -> Plan:
+         gpu_memory: float = 80e9, mfu: float = 0.4, rank: int = 0, dtype: str | None = None) -> RunPlan:
     """The plan for `cfg` on `world_size` GPUs, for `rank` (0 holds the largest shard)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"--world-size {world_size} must be >= 1 (rank {rank} within it)")
@@ -250,7 +268,7 @@ def plan(cfg: Config, world_size: int = 1, micro_batch: int | None = None, gpu: 
     act_bytes = 2 if dtype in ("bfloat16", "float16") else 4
     tokens_per_step = world_size * b * cfg.train.grad_accum * m.block_size
     tokens_per_s = mfu * world_size * peak / flops_per_token
-    return Plan(
+    return RunPlan(
         world_size=world_size, rank=rank, micro_batch=b, grad_accum=cfg.train.grad_accum,
         seq_len=m.block_size, dtype=dtype, gpu=gpu, gpu_memory=gpu_memory, mfu=mfu,
         activation_checkpointing=mode, params=n_params, embedding_params=embedding,
@@ -259,6 +277,8 @@ def plan(cfg: Config, world_size: int = 1, micro_batch: int | None = None, gpu: 
         mem_activations_none=_activation_bytes(m, b, act_bytes, "none", 1),
         mem_activations_full=_activation_bytes(m, b, act_bytes, "full", 1),
         mem_activations_no_flash=_activation_bytes(m, b, act_bytes, "none", 1, flash=False),
+        mem_logits_whole=_logits_bytes(replace(m, loss_chunk=0), b, dtype, world_size > 1),
+        loss_chunk=m.loss_chunk,
         mem_total=total, usable_memory=usable, fits=total <= usable,
         max_micro_batch=_max_micro_batch(cfg, m, world_size, rank, dtype, mode, usable),
         max_micro_batch_no_ac=_max_micro_batch(cfg, m, world_size, rank, dtype, "none", usable),
@@ -272,7 +292,7 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:9.2f} GB"
 
 
-def format_plan(p: Plan, title: str = "") -> str:
+def format_plan(p: RunPlan, title: str = "") -> str:
     """The human-readable table `train.py --plan` prints."""
     ac = p.activation_checkpointing
     fit = "fits" if p.fits else "DOES NOT FIT"
@@ -292,7 +312,9 @@ def format_plan(p: Plan, title: str = "") -> str:
         f"{'  activations (checkpointing ' + ac + ')':<40}{_gb(p.mem_activations)}"
         f"   (none {p.mem_activations_none / 1e9:.2f}, full {p.mem_activations_full / 1e9:.2f}, "
         f"no flash {p.mem_activations_no_flash / 1e9:.2f})",
-        f"{'  logits (fp32 for the loss)':<40}{_gb(p.mem_logits)}",
+        f"{'  logits (fp32 for the loss)':<40}{_gb(p.mem_logits)}"
+        + (f"   (chunked: {p.loss_chunk} tokens at a time; whole {p.mem_logits_whole / 1e9:.2f})"
+           if p.loss_chunk else "   (whole; model.loss_chunk = 0)"),
         f"{'  temporaries (FSDP gathers, grads)':<40}{_gb(p.mem_temporaries)}",
         f"{'  grad_accum buffer (unsharded fp32)':<40}{_gb(p.mem_grad_accum)}",
         f"{'  peak total (lm/plan.py docstring)':<40}{_gb(p.mem_total)}   of {p.usable_memory / 1e9:.1f} GB usable: {fit}",

@@ -257,14 +257,20 @@ def test_truncated_shard_is_caught_at_open(prepared):
     assert "\n" not in str(e.value)
 
 
-def test_tampered_shard_fails_verify(prepared):
+def test_tampered_files_fail_open_or_verify(prepared):
+    index = prepared / "val_00000.idx"
+    data = bytearray(index.read_bytes())
+    data[-1] ^= 1
+    index.write_bytes(bytes(data))
+    reader = TokenReader(prepared, "val")  # same size, and training never reads the index: open succeeds
+    with pytest.raises(DataError, match=r"val_00000\.idx: sha256"):
+        reader.verify()
     shard = prepared / "val_00000.bin"
     data = bytearray(shard.read_bytes())
     data[0] ^= 1
     shard.write_bytes(bytes(data))
-    reader = TokenReader(prepared, "val")  # same size: open succeeds
-    with pytest.raises(DataError, match=r"val_00000\.bin: sha256"):
-        reader.verify()
+    with pytest.raises(DataError, match=r"val_00000\.bin: checksum mismatch"):  # the tokens are checked at open
+        TokenReader(prepared, "val")
 
 
 def test_reader_open_errors(prepared, tmp_path):

@@ -18,7 +18,7 @@ from lm.optim import LRSchedule
 from lm.trainer import Trainer
 from tests.conftest import ROOT
 
-BASE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_iters=2",
+BASE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
         "log.progress=false", "log.interval=1", "train.device=cpu", "optim.schedule=constant",
         "optim.warmup_steps=0", "train.dtype=float32"]
 
@@ -131,7 +131,7 @@ def test_repeated_nans_roll_back_to_the_last_checkpoint(data, tmp_path):
 
     trainer.model.forward = poisoned
     result = trainer.run()
-    assert trainer.rollbacks == 1 and result["skipped"] == 2 and result["step"] == 8
+    assert trainer.stability.rollbacks == 1 and result["skipped"] == 2 and result["step"] == 8
     assert trainer.schedule.scale == 0.5
 
 

@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network
 import transformers  # noqa: E402  (the dev extra)
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=48", "train.batch_size=4",
-        "train.eval_iters=1", "log.progress=false", "train.device=cpu", "train.max_steps=3",
+        "train.eval_sequences=4", "log.progress=false", "train.device=cpu", "train.max_steps=3",
         "train.eval_interval=3"]
 
 

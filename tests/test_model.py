@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, load_config
-from lm.generate import filter_logits, generate
-from lm.model import GPT, KVCache
+from lm.generate import KVCache, filter_logits, generate
+from lm.model import GPT
 
 
 def tiny(**kw) -> GPT:

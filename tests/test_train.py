@@ -12,7 +12,7 @@ from lm.model import GPT
 from lm.trainer import Trainer
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "train.batch_size=4", "train.eval_iters=2", "log.progress=false", "log.interval=1",
+        "train.batch_size=4", "train.eval_sequences=8", "log.progress=false", "log.interval=1",
         "train.device=cpu", "optim.warmup_steps=3"]
 
 
@@ -142,7 +142,7 @@ def test_quickstart_pipeline_end_to_end_on_a_tiny_budget(cli, tmp_path):
     r = cli("train.py", "configs/quickstart.toml", 'data.inputs=["${stdlib}/json/*.py"]',
             f"data.dir={tmp_path / 'data'}", "data.vocab_size=400", f"train.out_dir={tmp_path / 'run'}",
             "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=64",
-            "train.max_steps=4", "train.eval_interval=2", "train.eval_iters=1", "log.progress=false")
+            "train.max_steps=4", "train.eval_interval=2", "train.eval_sequences=4", "log.progress=false")
     assert r.returncode == 0, r.stderr
     assert "val loss" in r.stdout + r.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
