@@ -35,7 +35,10 @@ def init_world(device_name: str) -> World:
     """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
     size = int(os.environ.get("WORLD_SIZE", 1))
     world = World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)))
-    if size > 1 and not dist.is_initialized():
+    # Under torchrun, even with one process: the same FSDP path as on N GPUs (mixed-precision policy,
+    # sharded checkpoints), so a 1-GPU run measures what a cluster run does.
+    launched = size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
         if use_cuda:
             torch.cuda.set_device(world.local_rank)

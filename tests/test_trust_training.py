@@ -124,8 +124,9 @@ def test_eval_iters_names_its_replacement(data, tmp_path):
 
 # ---- many ranks ----------------------------------------------------------------------------------------
 def torchrun(*args, nproc=2, timeout=300):
+    """train.py under torchrun with `nproc` workers; nproc=0 runs plain python (no process group)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+        if nproc else [sys.executable]
     r = subprocess.run([*launcher, "train.py", "configs/shakespeare_char.toml", *TINY, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -134,12 +135,17 @@ def torchrun(*args, nproc=2, timeout=300):
 
 def test_validation_is_the_same_sequences_for_any_world_size(data, tmp_path):
     common = [f"data.dir={data}", "train.max_steps=2", "train.eval_interval=2"]
-    torchrun(*common, f"train.out_dir={tmp_path / 'one'}", "train.batch_size=4", nproc=1)
+    torchrun(*common, f"train.out_dir={tmp_path / 'one'}", "train.batch_size=4", nproc=0)
     torchrun(*common, f"train.out_dir={tmp_path / 'two'}", "train.batch_size=2", "train.eval_sequences=8")
-    one, two = ({r["step"]: r["val_loss"] for r in records(tmp_path / run) if "val_loss" in r} for run in ("one", "two"))
-    assert one.keys() == two.keys() == {0, 2}
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    # torchrun with one worker takes the FSDP path too (one shard), and matches
+    torchrun(*common, f"train.out_dir={tmp_path / 'fsdp1'}", "train.batch_size=4", nproc=1)
+    vals = {run: {r["step"]: r["val_loss"] for r in records(tmp_path / run) if "val_loss" in r}
+            for run in ("one", "two", "fsdp1")}
+    assert vals["one"].keys() == vals["two"].keys() == vals["fsdp1"].keys() == {0, 2}
+    for step in vals["one"]:
+        assert vals["two"][step] == pytest.approx(vals["one"][step], rel=1e-5)
+        assert vals["fsdp1"][step] == pytest.approx(vals["one"][step], rel=1e-5)
+    assert checkpoint.load_info(checkpoint.checkpoints(tmp_path / "fsdp1")[-1])["world_size"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +174,7 @@ def test_continued_pretraining_under_torchrun_equals_one_process(domains, tmp_pa
     for source in (str(pre), f"hf:{hf}"):
         tag = "hf" if source.startswith("hf:") else "ours"
         torchrun(*common, f"init.from={source}", f"train.out_dir={tmp_path / (tag + '1')}", "train.batch_size=4",
-                 nproc=1)
+                 nproc=0)
         torchrun(*common, f"init.from={source}", f"train.out_dir={tmp_path / (tag + '2')}", "train.batch_size=2")
         one, two = records(tmp_path / (tag + "1")), records(tmp_path / (tag + "2"))
         assert [r["step"] for r in two if "loss" in r] == [1, 2, 3]

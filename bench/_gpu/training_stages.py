@@ -253,8 +253,7 @@ def train_1p3b(ctx: Ctx):
     memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 80e9
     p = plan(cfg, world_size=1, gpu=_gpu_key(dev), gpu_memory=memory, mfu=0.4)
     yield dict(note=f"torchrun --nproc_per_node=1 train.py configs/gpt-1.3b.toml {' '.join(overrides)}")
-    yield dict(note="world size 1: train.py runs unsharded with autocast (lm.parallel.init_world starts a process "
-                    "group, hence FSDP, only for WORLD_SIZE > 1); the planner's world-size-1 figures model the same")
+    yield dict(note="world size 1 under torchrun: FSDP2 with one shard (bf16 mixed-precision policy), as on N GPUs")
     yield dict(source="measured (metrics.jsonl)", params=p.params, micro_batch=cfg.train.batch_size,
                tokens_per_s=tok_s, mfu=statistics.median(mfus) if mfus else None, peak_mem_gb=peak_mem,
                step_s=p.tokens_per_step / tok_s, loss=records[-1]["loss"])
