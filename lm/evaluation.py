@@ -30,13 +30,18 @@ class ValSet:
         self.bytes_per_token = split["bytes"] / split["tokens"]
 
 
-def validation_sets(cfg: Config, sources: list[tuple[str, float, str]], data_dir: Path) -> list[ValSet]:
-    """`data.val_sets` as named; else one set per training source, named by its role; else the single
-    unnamed set ("") of a plain run, logged as val_loss alone. A plain run without a val split has none."""
+def validation_sets(cfg: Config, sources: list[tuple[str, float, str]], data_dir: Path,
+                    old_data: str | None = None) -> list[ValSet]:
+    """`data.val_sets` as named; else one set per training source, named by its role; else, when the run
+    continues from one of ours (`old_data`: the data it was trained on), "new" (this run's data) and
+    "replay" (the old domain, so forgetting is tracked without being asked for); else the single unnamed
+    set ("") of a plain run, logged as val_loss alone. A plain run without a val split has none."""
     named = parse_val_sets(cfg.data.val_sets)
     if not named and sources:
         roles = [r for r, _, _ in sources]
         named = [(r if roles.count(r) == 1 else f"{r}{i}", d) for i, (r, _, d) in enumerate(sources)]
+    if not named and old_data and Path(old_data).resolve() != Path(data_dir).resolve():
+        named = [("new", str(data_dir)), ("replay", old_data)]
     sets = []
     for name, directory in named or [("", str(data_dir))]:
         if "val" not in TokenReader(directory, "train").meta["splits"]:

@@ -13,6 +13,22 @@ from lm.config import Config
 from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
 
 
+def old_domain(source: str) -> str | None:
+    """The data directory the run behind init.from was trained on (its first source when it mixed
+    several), when that run is ours and its data is still here with a val split; else None."""
+    if not source or source.startswith("hf:"):
+        return None
+    from data_prep.shards import read_meta
+    from lm.config import parse_sources
+
+    saved = checkpoint.load_config(checkpoint.resolve(source))
+    sources = parse_sources(saved.data.sources)
+    directory = Path(sources[0][2] if sources else saved.data.dir)
+    if not (directory / "meta.json").is_file() or "val" not in read_meta(directory)["splits"]:
+        return None
+    return str(directory)
+
+
 def load_initial_weights(source: str, model: torch.nn.Module, optimizer, cfg: Config, rank: int):
     """Weights (and with init.optimizer the AdamW moments) from `source`. The step, the data cursor and
     the RNG start afresh: this is a new run."""

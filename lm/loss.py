@@ -54,29 +54,37 @@ def _chunked(hidden, weight, targets, chunk: int, compute: torch.dtype, ignore_i
     grad_w = torch.zeros(V, C, dtype=torch.float32, device=hidden.device) if need_weight else None
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        hc, tc, vc = h[start:end], safe[start:end, None], valid[start:end, None]
-        logits = (hc @ w.T).float()  # (n, V) fp32; the compute-dtype product is freed here
-        target_logit = logits.gather(1, tc)
-        top = logits.amax(dim=1, keepdim=True)
-        e = logits.sub_(top).exp_()  # in place: exp(logits - max)
-        total = e.sum(dim=1, keepdim=True)
-        loss_sum += ((total.log() + top - target_logit) * vc).sum()
-        if not (need_hidden or need_weight):
-            continue
-        g = e.div_(total)  # softmax, in place
-        g.scatter_add_(1, tc, -vc.to(g.dtype))  # minus the one-hot of the target
-        g.mul_(vc)  # ignored rows: no gradient
-        g = g.to(compute)  # (the unscaled softmax - onehot lies in [-1, 1]: safe in any dtype)
-        if need_hidden:
-            grad_h[start:end] = (g @ w).float().mul_(scale)  # one rounding to grad_h's dtype
-        if need_weight:
-            if compute == torch.float32:
-                grad_w.addmm_(g.T, hc)
-            else:
-                grad_w += g.T @ hc  # the product in the compute dtype, accumulated over chunks in fp32
+        loss_sum += _chunk(h[start:end], safe[start:end, None], valid[start:end, None], w, compute, scale,
+                           grad_h[start:end] if need_hidden else None, grad_w, need_hidden or need_weight)
     if grad_w is not None:
         grad_w.mul_(scale)
     return loss_sum * scale, grad_h, grad_w
+
+
+def _chunk(hc, tc, vc, w, compute, scale, grad_h, grad_w, need_grad: bool) -> torch.Tensor:
+    """One chunk: returns its summed loss; writes its rows of grad_h, adds its share to grad_w. Its
+    temporaries die on return, before the next chunk's logits exist."""
+    logits = (hc @ w.T).float()  # (n, V) fp32; the compute-dtype product is freed here
+    target_logit = logits.gather(1, tc)
+    top = logits.amax(dim=1, keepdim=True)
+    logits.sub_(top).exp_()  # in place: exp(logits - max)
+    total = logits.sum(dim=1, keepdim=True)
+    loss = ((total.log() + top - target_logit) * vc).sum()
+    if not need_grad:
+        return loss
+    logits.div_(total)  # softmax, in place
+    logits.scatter_add_(1, tc, -vc.to(logits.dtype))  # minus the one-hot of the target
+    logits.mul_(vc)  # ignored rows: no gradient
+    g = logits.to(compute)  # the unscaled softmax - onehot lies in [-1, 1]: safe in any dtype
+    del logits  # (in bf16: only the bf16 copy stays for the matmuls)
+    if grad_h is not None:
+        grad_h.copy_((g @ w).float().mul_(scale))  # one rounding to grad_h's dtype
+    if grad_w is not None:
+        if compute == torch.float32:
+            grad_w.addmm_(g.T, hc)
+        else:
+            grad_w += g.T @ hc  # the product in the compute dtype, accumulated over chunks in fp32
+    return loss
 
 
 class LinearCrossEntropy(torch.autograd.Function):

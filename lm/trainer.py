@@ -25,7 +25,7 @@ from lm.data import MixedStream, SampleStream, check_same_tokenizer, ensure_prep
 from lm.evaluation import Evaluator, validation_sets
 from lm.ewc import EWC, EWC_FILE, estimate_fisher
 from lm.freeze import Freezing
-from lm.initialize import load_initial_weights
+from lm.initialize import load_initial_weights, old_domain
 from lm.metrics import MetricsLog, peak_flops
 from lm.optim import LRSchedule, build_optimizer
 from lm.parallel import barrier, build_model, close_world, init_world, mean_across_ranks, resolved_dtype
@@ -66,7 +66,13 @@ class Trainer:
         self.tokenizer_file = dirs[0] / train_reader.meta["tokenizer"]["file"]
         self._resolve_vocab(train_reader, dirs[0])
         self.train_stream = self._train_stream(train_reader, dirs)
-        self.evaluator = Evaluator(validation_sets(cfg, self.sources, dirs[0]), cfg, self.world, self.device,
+        old = old_domain(cfg.init.from_)
+        if old and not (self.sources or cfg.data.val_sets):
+            check_same_tokenizer([dirs[0], Path(old)])
+        elif cfg.init.from_ and not (self.sources or cfg.data.val_sets or cfg.init.from_.startswith("hf:")):
+            self._print(f"note: the data {cfg.init.from_} was trained on is not here (or has no val split): "
+                        "forgetting is not tracked; name it in data.val_sets to track it")
+        self.evaluator = Evaluator(validation_sets(cfg, self.sources, dirs[0], old), cfg, self.world, self.device,
                                    self._autocast)
 
         torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
@@ -134,6 +140,7 @@ class Trainer:
             newer = [p.name for p in checkpoint.step_dirs(self.run_dir) if p.name > ckpt.name]
             if newer:  # --resume-from-last-good passed over damaged checkpoints
                 self._print(f"skipping damaged checkpoint(s) {', '.join(newer)}; continuing from {ckpt}")
+            self._keep_global_batch(ckpt)
             self._restore(ckpt, keep_data_cursor=False)
             self._print(f"resumed from {ckpt} at step {self.step}")
         else:
@@ -148,6 +155,28 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if ckpt else None,
                                   enabled=self.world.main)
         return ckpt is not None
+
+    def _keep_global_batch(self, ckpt: Path):
+        """A run resumed on another number of ranks keeps its global batch (batch_size is per rank): when
+        the config leaves batch_size and grad_accum as they were, grad_accum absorbs the change, or the
+        resume is refused when it cannot do so exactly. Old and new global batch are printed either way."""
+        saved, ranks = checkpoint.load_config(ckpt).train, checkpoint.load_info(ckpt)["world_size"]
+        t, world = self.cfg.train, self.world.size
+        old = ranks * saved.batch_size * saved.grad_accum
+        if ranks == world and (t.batch_size, t.grad_accum) == (saved.batch_size, saved.grad_accum):
+            return
+        if ranks != world and (t.batch_size, t.grad_accum) == (saved.batch_size, saved.grad_accum):
+            if old % (world * t.batch_size):
+                raise ConfigError(
+                    f"--resume on {world} ranks: the checkpoint's global batch of {old} sequences ({ranks} ranks x "
+                    f"batch_size {saved.batch_size} x grad_accum {saved.grad_accum}) is not a multiple of "
+                    f"{world} ranks x batch_size {t.batch_size}; set train.batch_size and train.grad_accum so "
+                    f"that ranks x batch_size x grad_accum = {old} (or another global batch, on purpose)")
+            t.grad_accum = old // (world * t.batch_size)
+        new = world * t.batch_size * t.grad_accum
+        self._print(f"global batch: {old} sequences in {ckpt.name} ({ranks} x {saved.batch_size} x "
+                    f"{saved.grad_accum}), {new} now ({world} ranks x batch_size {t.batch_size} x grad_accum "
+                    f"{t.grad_accum})")
 
     def _restore(self, ckpt: Path, keep_data_cursor: bool):
         checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)

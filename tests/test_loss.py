@@ -197,6 +197,6 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_whole_logits():
     whole, parts = peak_bytes(0), peak_bytes(256)
     assert whole >= 3 * logits  # logits, their log-softmax and their gradient (measured 406 MB)
     # the inputs (3 MB), one 256 x 8192 chunk (8.4 MB) and the N x C and V x C gradients (3.1 MB), with
-    # room for the chunk's temporaries (measured 23 MB)
+    # room for the chunk's temporaries (measured 15 MB)
     assert parts < 3 * 256 * 8192 * 4 + 2 * (4096 + 8192) * 64 * 4 + 3 * 2**20
-    assert whole > 15 * parts
+    assert whole > 20 * parts  # (measured 406 MB vs 15 MB)
