@@ -100,12 +100,14 @@ def run(model, tokenizer, device, args, prompts: list[str]):
     if stream:
         sys.stdout.write(texts[0])
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    cut = []  # rows the context limit ended (--at-limit stop): said on stderr, after the text
     outputs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
                        stop=stop if args.stop else None, at_limit=args.at_limit, generator=generator,
-                       on_token=Streamer(tokenizer) if stream else None)
+                       on_token=Streamer(tokenizer) if stream else None, on_limit=cut.append)
     if stream:
         print()
+        note_limit(model, cut)
         return
     for i, tokens in enumerate(outputs):
         text = decode(tokens)
@@ -114,6 +116,14 @@ def run(model, tokenizer, device, args, prompts: list[str]):
         if len(outputs) > 1:
             print(f"---------- sample {i + 1}")
         print(texts[i] + text)
+    note_limit(model, cut)
+
+
+def note_limit(model, rows: list[int]):
+    sys.stdout.flush()  # the note follows the text it is about
+    for row in rows:
+        print(f"note: sample {row + 1} stopped at the context limit of {model.cfg.block_size} tokens "
+              "(--at-limit stop)", file=sys.stderr)
 
 
 def main(argv=None) -> int:

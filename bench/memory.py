@@ -1,5 +1,7 @@
-"""Peak memory of training steps with and without activation checkpointing, for one model and batch:
-process RSS growth on CPU (each mode in a fresh process), CUDA max allocated on a GPU.
+"""Peak memory of training steps with and without activation checkpointing, and with the whole fp32 logits
+(model.loss_chunk = 0) against the chunked loss (lm/loss.py, the default model.loss_chunk), for one model
+and batch: process RSS growth on CPU (each case in a fresh process, large allocations mmapped so that RSS
+follows the live tensors), CUDA max allocated on a GPU; beside each, lm/plan.py's prediction.
 
     python bench/memory.py [--device cpu|cuda] [--out bench/results/memory.json]
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -18,15 +21,18 @@ SHAPE = ["model.n_layer=8", "model.n_head=8", "model.n_embd=512", "model.block_s
          "train.batch_size=8", "train.dtype=float32", "model.dropout=0.0"]
 
 
-def measure(mode: str, device: str, steps: int = 3) -> dict:
+def measure(mode: str, loss_chunk: int, device: str, steps: int = 3) -> dict:
     """Runs in a child process: memory growth from after the model and optimizer exist to the peak."""
     import torch
 
     from lm.config import load_config
     from lm.optim import build_optimizer
     from lm.parallel import World, build_model
+    from lm.plan import plan
 
-    cfg = load_config(None, [*SHAPE, f"parallel.activation_checkpointing={mode}", f"train.device={device}"])
+    cfg = load_config(None, [*SHAPE, f"parallel.activation_checkpointing={mode}", f"train.device={device}",
+                             f"model.loss_chunk={loss_chunk}"])
+    p = plan(cfg, world_size=1, dtype=cfg.train.dtype)
     dev = torch.device(device)
     model = build_model(cfg, World(), dev)
     opt = build_optimizer(model, cfg.optim, dev)
@@ -53,31 +59,53 @@ def measure(mode: str, device: str, steps: int = 3) -> dict:
         opt.zero_grad(set_to_none=False)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mode": mode, "device": device, "peak_growth_gb": (peak - base) / 1e9,
+    return {"mode": mode, "loss_chunk": loss_chunk, "device": device, "peak_growth_gb": (peak - base) / 1e9,
+            # the gradients and optimizer state exist before the baseline: the rest of the planned peak
+            "planned_gb": (p.mem_activations + p.mem_logits + p.mem_temporaries) / 1e9,
+            "planned_logits_gb": p.mem_logits / 1e9,
             "s_per_step": (time.perf_counter() - start) / steps, "loss": loss.item()}
 
 
 def main():
+    from lm.config import ModelConfig
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--loss-chunk", type=int, default=ModelConfig.loss_chunk,
+                   help="the chunked case's model.loss_chunk (default: the config default)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.device)))
+        mode, chunk = args.child.split(":")
+        print(json.dumps(measure(mode, int(chunk), args.device)))
         return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave RSS (as tests/test_plan.py)
     rows = []
     for mode in ("none", "full"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device],
-                             capture_output=True, text=True, check=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ratio = rows[0]["peak_growth_gb"] / rows[1]["peak_growth_gb"]
-    print(f"{'activation ckpt':16} {'peak growth GB':>15} {'s/step':>8}")
+        for chunk in (0, args.loss_chunk):
+            out = subprocess.run([sys.executable, __file__, "--child", f"{mode}:{chunk}", "--device", args.device],
+                                 capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    by = {(r["mode"], r["loss_chunk"]): r for r in rows}
+    print(f"{'activation ckpt':16} {'loss_chunk':>10} {'peak growth GB':>15} {'planned GB':>11} "
+          f"{'(logits)':>9} {'s/step':>8} {'loss':>8}")
     for r in rows:
-        print(f"{r['mode']:16} {r['peak_growth_gb']:15.3f} {r['s_per_step']:8.2f}")
-    print(f"peak memory without / with full activation checkpointing: {ratio:.2f}x ({' '.join(SHAPE)})")
+        print(f"{r['mode']:16} {r['loss_chunk']:10d} {r['peak_growth_gb']:15.3f} {r['planned_gb']:11.3f} "
+              f"{r['planned_logits_gb']:9.3f} {r['s_per_step']:8.2f} {r['loss']:8.4f}")
+    ratio = by["none", 0]["peak_growth_gb"] / by["full", 0]["peak_growth_gb"]
+    print(f"peak memory without / with full activation checkpointing (whole logits): {ratio:.2f}x")
+    chunked = {}
+    for mode in ("none", "full"):
+        before, after = by[mode, 0]["peak_growth_gb"], by[mode, args.loss_chunk]["peak_growth_gb"]
+        chunked[mode] = {"whole_gb": before, "chunked_gb": after, "saved_gb": before - after}
+        print(f"activation checkpointing {mode}: whole logits {before:.3f} GB -> chunked loss "
+              f"(model.loss_chunk = {args.loss_chunk}) {after:.3f} GB, {before - after:.3f} GB less "
+              f"({before / after:.2f}x)")
+    print(" ".join(SHAPE))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"shape": SHAPE, "rows": rows, "ratio": ratio}, indent=2))
+    args.out.write_text(json.dumps({"shape": SHAPE, "rows": rows, "ratio": ratio, "chunked_loss": chunked},
+                                   indent=2))
     print(f"wrote {args.out}")
 
 

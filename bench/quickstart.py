@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     print(f"{share:12.1%} {result['complete_share']:9.1%} {fmt(metrics['val_bpb'], '8.4f')} "
           f"{fmt(metrics['val_loss'], '9.4f')} {fmt(training and training['wall_s'], '8.1f')} "
           f"{fmt(training and training['cpu_s'], '8.1f')} "
-          f"{(f'{load["mean"]:.2f}, {load["max"]:.2f}' if load else '-'):>17}")
+          f"{load_text:>17}")
     first = next((r for r in rows if r["parses"]), rows[0])
     print(f"\nsample (seed {first['seed']}, {'parses' if first['parses'] else 'does not parse'}):\n{first['function']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

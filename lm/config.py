@@ -44,7 +44,7 @@ class ModelConfig:
     activation: str = "gelu"  # MLP nonlinearity: "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
     attention: str = "sdpa"  # "sdpa" (torch) or "triton" (our fused flash attention, kernels/)
     layernorm: str = "torch"  # "torch" or "triton" (our fused LayerNorm, kernels/)
-    loss_chunk: int = 0  # tokens per chunk of the head + cross-entropy (lm/loss.py); 0: whole fp32 logits
+    loss_chunk: int = 4096  # tokens per chunk of the head + cross-entropy (lm/loss.py); 0: whole fp32 logits
 
 
 @dataclass
@@ -118,7 +118,7 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # "none", "full" (every block) or "every" (every ac_every-th)
     ac_every: int = 2
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them
-    compile: bool = False  # torch.compile each block
+    compile: str = "none"  # torch.compile: "none", "blocks" (each block) or "model" (the whole model)
     replicas: int = 1  # HSDP: groups that each shard the model over world / replicas ranks (e.g. per node)
 
 
@@ -193,6 +193,7 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("parallel", "activation_checkpointing"): ("none", "full", "every"),
+    ("parallel", "compile"): ("none", "blocks", "model"),
     ("continual", "ewc_labels"): ("model", "empirical"),
 }
 ROLES = ("new", "replay")
@@ -460,6 +461,9 @@ def config_from_toml_text(text: str, where: str) -> Config:
 
 def _upgrade(raw: dict) -> dict:
     """A config saved by an earlier release, in today's keys (so its checkpoints still load)."""
+    parallel = raw.get("parallel")
+    if isinstance(parallel, dict) and isinstance(parallel.get("compile"), bool):
+        parallel["compile"] = "blocks" if parallel["compile"] else "none"
     train = raw.get("train")
     if isinstance(train, dict) and "eval_iters" in train:
         iters = train.pop("eval_iters")

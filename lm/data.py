@@ -11,6 +11,7 @@ import json
 import os
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -43,17 +44,53 @@ class SampleStream:
         """(len(index), block_size + 1) tokens of the samples `index`."""
         return np.stack([self.reader.read(int(s), self.block_size + 1) for s in self.starts_of(index)])
 
+    def read(self, first: int, count: int) -> np.ndarray:
+        """(count, block_size + 1) tokens of samples first .. first + count - 1."""
+        return self.windows(np.arange(first, first + count))
+
     def batch(self, first: int, count: int, device: torch.device):
         """Inputs and next-token targets for samples first .. first + count - 1, each (count, block_size)."""
-        return to_batch(self.windows(np.arange(first, first + count)), device)
+        return to_batch(self.read(first, count), device)
 
 
 def to_batch(windows: np.ndarray, device: torch.device):
+    return to_device(host_tokens(windows, device), device)
+
+
+def host_tokens(windows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The windows as one int64 tensor in host memory, pinned when it is bound for a GPU."""
     tokens = torch.from_numpy(windows.astype(np.int64))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    if device.type == "cuda":
-        return (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
+    return tokens.pin_memory() if device.type == "cuda" else tokens
+
+
+def to_device(tokens: torch.Tensor, device: torch.device):
+    """Inputs and next-token targets on `device`; from pinned memory the copy does not wait for the GPU."""
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class Prefetcher:
+    """Reads the next micro-batch on a background thread while the current one computes. A batch is a pure
+    function of its first sample index, so the one prepared ahead is exactly the one the loop asks for
+    next; when the loop asks for another (after a rollback), it is read on the spot."""
+
+    def __init__(self, stream, count: int, device: torch.device):
+        self.stream, self.count, self.device = stream, count, device
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch")
+        self.ahead: tuple[int, Future] | None = None
+
+    def _read(self, first: int) -> torch.Tensor:
+        return host_tokens(self.stream.read(first, self.count), self.device)
+
+    def batch(self, first: int, next_first: int):
+        """The batch starting at sample `first`; starts reading the one at `next_first`."""
+        ahead, self.ahead = self.ahead, None
+        tokens = ahead[1].result() if ahead is not None and ahead[0] == first else self._read(first)
+        self.ahead = (next_first, self.pool.submit(self._read, next_first))
+        return to_device(tokens, self.device)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class MixedStream:
@@ -64,14 +101,18 @@ class MixedStream:
     def __init__(self, streams: list[SampleStream], weights: list[float]):
         self.streams, self.mixture = streams, Mixture(weights)
 
-    def batch(self, first: int, count: int, device: torch.device):
+    def read(self, first: int, count: int) -> np.ndarray:
+        """(count, block_size + 1) tokens of samples first .. first + count - 1."""
         src, ordinal = self.mixture.assign(first, count)
         windows = np.empty((count, self.streams[0].block_size + 1), dtype=np.int64)
         for i, stream in enumerate(self.streams):
             rows = np.flatnonzero(src == i)
             if len(rows):
                 windows[rows] = stream.windows(ordinal[rows])
-        return to_batch(windows, device)
+        return windows
+
+    def batch(self, first: int, count: int, device: torch.device):
+        return to_batch(self.read(first, count), device)
 
 
 def check_same_tokenizer(dirs: list[Path]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,12 +41,21 @@ def _fresh_dir(out: Path) -> Path:
     return out
 
 
-def export_safetensors(ckpt: Path, model: GPT, out: Path):
+def save_safetensors(state: dict, path: Path, metadata: dict):
+    """safetensors' save_file, with the mode of any new file (0666 less the umask: 0644 usually); save_file
+    itself leaves 0600, which other users (a serving account, a shared group) cannot read."""
     from safetensors.torch import save_file
 
+    save_file(state, str(path), metadata=metadata)
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def export_safetensors(ckpt: Path, model: GPT, out: Path):
     cfg = checkpoint.load_config(ckpt)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
+    save_safetensors(state, out / "model.safetensors", metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
     (out / "config.toml").write_text(to_toml(cfg))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tokenizer = load_tokenizer(ckpt)
@@ -73,20 +83,23 @@ def hf_tokenizer_json(ckpt: Path) -> str:
 
 
 def export_hf(ckpt: Path, model: GPT, out: Path):
-    from safetensors.torch import save_file
-
     tokenizer = load_tokenizer(ckpt)
     cfg = model.cfg
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer.eos_id), indent=2))
-    save_file(to_hf_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(to_hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(hf_tokenizer_json(ckpt))
     special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+    # split_special_tokens: a "<|endoftext|>" typed inside a text is encoded as text, as our tokenizer does
+    # (the data pipeline appends EOS by id between documents; text never fakes a boundary or a control
+    # token). The token itself keeps its id: EOS still ends generation and decodes to "<|endoftext|>".
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-         "clean_up_tokenization_spaces": False, **special}, indent=2))
+         "clean_up_tokenization_spaces": False, "split_special_tokens": True, **special}, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set (even at
+    # n_positions); the context limit is config.json's n_positions.
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "max_length": cfg.block_size,
+        {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
          "do_sample": True, "temperature": 0.8, "top_k": 200}, indent=2))
 
 

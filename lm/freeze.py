@@ -26,16 +26,18 @@ class Freezing:
         checkpoint of that step, so a restore must not create state for them either."""
         return min(self.frozen_blocks(s) for s in {0, *(start for start, _ in self.phases if start < step)})
 
-    def apply(self, model: torch.nn.Module, blocks: int):
-        """Freeze the embeddings and the first `blocks` blocks; everything else trains."""
+    def apply(self, model: torch.nn.Module, blocks: int) -> bool:
+        """Freeze the embeddings and the first `blocks` blocks; everything else trains. Returns whether
+        anything changed (the caller's list of trainable parameters is then stale)."""
         if blocks == self.applied:
-            return
+            return False
         self.applied = blocks
         for p in model.parameters():
             p.requires_grad_(True)
         if blocks == 0:
-            return
+            return True
         frozen = [model.transformer.wte, model.transformer.wpe, *model.transformer.h[:blocks]]
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+        return True

@@ -100,9 +100,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_id: int | None = None,
              stop: Callable[[int, list[int]], bool] | None = None, at_limit: str = "slide",
              generator: torch.Generator | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             on_limit: Callable[[int], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), each ending at EOS (included), when `stop(row, new_tokens)`
-    says so, or after max_new_tokens. temperature 0 is greedy. `on_token(row, token)` streams them."""
+    says so, or after max_new_tokens. temperature 0 is greedy. `on_token(row, token)` streams them.
+    With at_limit="stop", `on_limit(row)` is called for each row that the context limit cut short (not yet
+    at EOS, a stop or max_new_tokens)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty)
     if at_limit not in ("stop", "slide"):
@@ -127,7 +130,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     cache, last = _prefill(model, tokens, pad, param.dtype)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = last.float()
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, seen, repetition_penalty)
@@ -150,6 +153,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         if cache.length < block:
             last = model(nxt[:, None], cache=cache)[0][:, -1, :]
         elif at_limit == "stop":
+            if on_limit is not None and step + 1 < max_new_tokens:
+                for row in range(B):
+                    if not done[row]:
+                        on_limit(row)
             break
         else:  # slide: keep the newest 3/4 of the window, so the rebuild is paid once per block/4 tokens
             keep = max(1, 3 * block // 4)

@@ -126,19 +126,23 @@ def build_model(cfg: Config, world: World, device: torch.device):
     if not world.distributed:
         model = GPT(cfg.model, seed=cfg.train.seed).to(device)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
-        _compile_blocks(model, cfg)
+        _compile(model, cfg)
         return model
     with torch.device("meta"):
         model = GPT(cfg.model, seed=cfg.train.seed)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
-    _compile_blocks(model, cfg)
+    _compile(model, cfg)
     shard(model, cfg, device, device_mesh(cfg, device))
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
     return model
 
 
-def _compile_blocks(model, cfg: Config):
-    if cfg.parallel.compile:
+def _compile(model, cfg: Config):
+    """torch.compile in place, so parameter names (and checkpoints) stay the same: each block (one graph
+    reused n_layer times, quick to compile) or the whole model (embeddings, head and loss fused too)."""
+    if cfg.parallel.compile == "blocks":
         for block in model.transformer.h:
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
+            block.compile()
+    elif cfg.parallel.compile == "model":
+        model.compile()

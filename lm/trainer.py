@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data_prep import DataError, TokenReader
 from lm import checkpoint
 from lm.config import Config, ConfigError, parse_sources, to_toml
-from lm.data import MixedStream, SampleStream, check_same_tokenizer, ensure_prepared
+from lm.data import MixedStream, Prefetcher, SampleStream, check_same_tokenizer, ensure_prepared
 from lm.evaluation import Evaluator, validation_sets
 from lm.ewc import EWC, EWC_FILE, estimate_fisher
 from lm.freeze import Freezing
@@ -83,6 +83,8 @@ class Trainer:
         self.freezing = Freezing(cfg.continual.freeze)
         self.step, self.samples = 0, 0  # completed optimizer steps, global samples consumed
         self.stop_signal = False  # set by SIGTERM/SIGINT on this rank; acted on only through the step's vote
+        self.prefetcher = Prefetcher(self.train_stream, cfg.train.batch_size, self.device)
+        self.trainable: list[torch.nn.Parameter] | None = None  # parameters that train now (see freezing)
         resumed = self._start(resume, last_good)
         self.ewc = self._setup_ewc(resumed) if cfg.continual.ewc_batches else None
 
@@ -184,6 +186,7 @@ class Trainer:
         # the others, and drop state made since (a rollback across a phase that unfroze layers).
         step = checkpoint.load_info(ckpt)["step"]
         self.freezing.apply(self.model, self.freezing.frozen_throughout(step))
+        self.trainable = None
         self.optimizer.state.clear()
         info = checkpoint.load_training(ckpt, self.model, self.optimizer)
         self.step = info["step"]
@@ -213,13 +216,14 @@ class Trainer:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.freezing.apply(self.model, self.freezing.frozen_blocks(self.step))
+        if self.freezing.apply(self.model, self.freezing.frozen_blocks(self.step)) or self.trainable is None:
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         scale = self.stability.loss_scale
         per_micro = self.world.size * t.batch_size  # global samples per micro-step
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             first = self.samples + micro * per_micro + self.world.rank * t.batch_size
-            x, y = self.train_stream.batch(first, t.batch_size, self.device)
+            x, y = self.prefetcher.batch(first, next_first=first + per_micro)  # the next micro-step's, or step's
             if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with self._autocast():
@@ -231,11 +235,10 @@ class Trainer:
         # only: a signal that lands after it is carried to the next step's vote, never acted on alone.
         packed = mean_across_ranks(torch.stack([loss_sum / t.grad_accum,
                                                 torch.tensor(float(self.stop_signal), device=self.device)]))
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
+            torch._foreach_mul_([p.grad for p in self.trainable], 1.0 / scale)
         penalty = self.ewc.add_gradient(self.model) if self.ewc else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
             grad_norm = grad_norm.full_tensor()
         loss_f, votes, norm_f = torch.cat([packed, grad_norm.reshape(1).to(packed.dtype)]).tolist()  # one sync
@@ -368,6 +371,7 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
     def close(self):
+        self.prefetcher.close()
         close_world()
 
 

@@ -172,10 +172,11 @@ print(json.dumps({"growth": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 """
 
 
-def test_planned_peak_matches_measured_cpu_memory():
+@pytest.mark.parametrize("loss_chunk", [0, 512])  # whole fp32 logits; the chunked loss (lm/loss.py)
+def test_planned_peak_matches_measured_cpu_memory(loss_chunk):
     overrides = ["model.n_layer=4", "model.n_embd=512", "model.n_head=8", "model.block_size=256",
                  "model.vocab_size=2048", "model.bias=false", "train.batch_size=8", "train.dtype=float32",
-                 "train.threads=2"]
+                 "train.threads=2", f"model.loss_chunk={loss_chunk}"]
     # glibc would keep freed tensors in its heap (RSS then counts fragmentation); mmap every large
     # allocation so that RSS follows the live tensors, as a GPU's allocator stats would
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -187,6 +188,23 @@ def test_planned_peak_matches_measured_cpu_memory():
     assert p.mem_grad_accum == 0 and p.mem_temporaries > 0
     predicted = p.mem_total - p.mem_params  # the weights were resident before the first step
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_chunked_loss_cuts_the_logits_line_at_10b():
+    chunked = plan(preset("gpt-10b"), world_size=64)
+    whole = plan(preset("gpt-10b", "model.loss_chunk=0"), world_size=64)
+    b, s, V, h = 16, 2048, 50304, 4608
+    assert whole.mem_logits == whole.mem_logits_whole == chunked.mem_logits_whole == b * s * V * 14  # 23.1 GB
+    k = chunked.loss_chunk
+    assert k == preset("gpt-10b").model.loss_chunk > 0
+    # one bf16-computed chunk (fp32 softmax + bf16 gradient), the fp32 grad_weight (+ a chunk's bf16
+    # product), the bf16 grad_hidden of the all-gathered (FSDP) compute
+    assert chunked.mem_logits == k * V * 6 + V * h * 6 + b * s * h * 2
+    assert chunked.mem_logits * 4 <= whole.mem_logits  # measured: 2.93 GB against 23.08 GB (7.9x)
+    assert chunked.mem_total < whole.mem_total and chunked.max_micro_batch > whole.max_micro_batch
+    # a chunk above the micro-batch's tokens is one chunk of them
+    assert plan(preset("gpt-10b", "model.loss_chunk=1000000"), world_size=64, micro_batch=1).mem_logits == \
+        plan(preset("gpt-10b", f"model.loss_chunk={s}"), world_size=64, micro_batch=1).mem_logits
 
 
 def test_plan_cli_prints_the_table_and_json(tmp_path):

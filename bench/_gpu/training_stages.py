@@ -111,7 +111,7 @@ def train_speed(ctx: Ctx, attention: str, layernorm: str, compiled: bool) -> dic
 
     dev = ctx.device
     cfg = load_config(None, [*e2e_overrides(ctx), f"model.attention={attention}", f"model.layernorm={layernorm}",
-                             f"parallel.compile={'true' if compiled else 'false'}", f"train.device={dev.type}"])
+                             f"parallel.compile={'blocks' if compiled else 'none'}", f"train.device={dev.type}"])
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
