@@ -36,7 +36,9 @@ METHODS = {
     "plain": [],
     "replay 5%": ['data.sources=["new:0.95:{B}", "replay:0.05:{A}"]'],
     "replay 25%": ['data.sources=["new:0.75:{B}", "replay:0.25:{A}"]'],
-    # lambda multiplies a Fisher of mean 1; 10 and 100 cost > 0.5 nats of adaptation here
+    # lambda multiplies a Fisher of mean 1; from 0.1 up it costs >= 0.5 nats of adaptation here
+    "ewc 0.003": ["continual.ewc_batches=16", "continual.ewc_lambda=0.003"],
+    "ewc 0.005": ["continual.ewc_batches=16", "continual.ewc_lambda=0.005"],
     "ewc 0.01": ["continual.ewc_batches=16", "continual.ewc_lambda=0.01"],
     "ewc 0.03": ["continual.ewc_batches=16", "continual.ewc_lambda=0.03"],
     "ewc 0.1": ["continual.ewc_batches=16", "continual.ewc_lambda=0.1"],

@@ -17,6 +17,7 @@ import argparse
 import ast
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -175,22 +176,78 @@ def run_metrics(run_dir: Path) -> dict:
             "train_loop_s": (steps[-1]["wall_s"] - evals[0]["wall_s"]) if steps and evals else None}
 
 
-# ---- sampling ------------------------------------------------------------------------------------------
-def sample(run_dir: Path, samples: int, max_new_tokens: int, temperature: float, top_k: int) -> tuple[list, float]:
+# ---- bits/byte on a fixed text --------------------------------------------------------------------------
+def val_text(data_dir: Path, max_bytes: int) -> str:
+    """The first documents of a prepared dataset's val split, decoded, up to `max_bytes` UTF-8 bytes: one
+    text that runs prepared from different corpora (with different tokenizers) can all be scored on. The
+    split is a seeded hash of each document, so a document in this val split is in the val split of any
+    corpus that contains it (the pre-curation quickstart's included)."""
+    from data_prep import TokenReader, load_tokenizer
+
+    reader, tokenizer = TokenReader(data_dir, "val"), load_tokenizer(data_dir)
+    tokens = reader.read(0, reader.num_tokens).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(tokens + [reader.eos_id]):
+        if t == reader.eos_id:
+            if i > start:
+                docs.append(tokenizer.decode(tokens[start:i]))
+            start = i + 1
+    text = "".join(d if d.endswith("\n") else d + "\n" for d in docs)
+    return text.encode()[:max_bytes].decode(errors="ignore")
+
+
+def text_bits_per_byte(model, tokenizer, text: str, batch: int = 8) -> float:
+    """Bits per UTF-8 byte of `text` under `model`: the text in consecutive windows of the model's context,
+    every token after the first scored once."""
     import torch
+
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    block = model.cfg.block_size
+    starts = list(range(0, len(ids) - 1, block))
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(starts), batch):
+            rows = [ids[s:s + block + 1] for s in starts[i:i + batch]]
+            full = [r for r in rows if len(r) == block + 1]
+            short = [r for r in rows if len(r) < block + 1]
+            if full:
+                x = torch.stack(full)
+                logits, _ = model(x[:, :-1])
+                total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(),
+                                                           reduction="sum").item()
+            for r in short:
+                logits, _ = model(r[None, :-1])
+                total += torch.nn.functional.cross_entropy(logits.float()[0], r[1:], reduction="sum").item()
+    return total / math.log(2) / len(text.encode())
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+def load_run(run_dir: Path):
+    """The run's newest checkpoint as (model, tokenizer), as sample.py loads it."""
+    import warnings
 
     from data_prep import load_tokenizer
     from lm.export import load
+
+    with warnings.catch_warnings():  # DCP's note that it loads in one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        ckpt, model = load(run_dir)
+    return model, load_tokenizer(ckpt)
+
+
+def sample(model, tokenizer, samples: int, max_new_tokens: int, temperature: float, top_k: int) -> list[dict]:
+    """Sample i continues PROMPT with seed i; each row: the text, its function (up to the first dedent) and
+    whether it parses."""
+    import torch
+
     from lm.generate import generate
 
-    ckpt, model = load(run_dir)
-    tokenizer = load_tokenizer(ckpt)
     ids = tokenizer.encode(PROMPT)
 
     def decode(tokens):
         return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
 
-    out, start = [], time.perf_counter()
+    out = []
     for seed in range(samples):
         generator = torch.Generator().manual_seed(seed)
         tokens = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
@@ -200,7 +257,7 @@ def sample(run_dir: Path, samples: int, max_new_tokens: int, temperature: float,
         source, complete, _ = function_source(text)
         out.append({"seed": seed, "tokens": len(tokens), "eos": tokenizer.eos_id in tokens,
                     "complete": complete, "parses": parses_as_function(text), "function": source, "text": text})
-    return out, time.perf_counter() - start
+    return out
 
 
 def main(argv=None) -> int:
@@ -215,6 +272,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--text-val", type=Path,
+                   help="also score bits/byte on the first --text-val-bytes of this prepared dataset's val split, "
+                        "decoded to text (comparable across corpora and tokenizers; default: the config's "
+                        "data.dir when prepared; 'none' skips)")
+    p.add_argument("--text-val-bytes", type=int, default=200_000)
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quickstart.json")
     args = p.parse_args(argv)
     if args.samples < 1:
@@ -232,29 +294,54 @@ def main(argv=None) -> int:
     else:
         run_dir = args.run_dir
     metrics = run_metrics(run_dir)
-    rows, sample_s = sample(run_dir, args.samples, args.max_new_tokens, args.temperature, args.top_k)
+    model, tokenizer = load_run(run_dir)
+    start = time.perf_counter()
+    rows = sample(model, tokenizer, args.samples, args.max_new_tokens, args.temperature, args.top_k)
+    sample_s = time.perf_counter() - start
+    text_val = {"dir": None, "bytes": 0, "bpb": None}
+    text_dir = text_val_dir(args)
+    if text_dir is not None:
+        text = val_text(text_dir, args.text_val_bytes)
+        text_val = {"dir": str(text_dir), "bytes": len(text.encode()), "bpb": text_bits_per_byte(model, tokenizer, text)}
     share = sum(r["parses"] for r in rows) / len(rows)
     result = {"run_dir": str(run_dir), "prompt": PROMPT, "samples": len(rows), "temperature": args.temperature,
               "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seeds": [r["seed"] for r in rows],
               "parse_share": share, "complete_share": sum(r["complete"] for r in rows) / len(rows),
               **{k: metrics[k] for k in ("step", "val_loss", "val_bpb", "train_loss", "train_loop_s")},
-              "training": training, "sample_s": sample_s, "load_average_now": list(os.getloadavg()),
-              "results": rows}
-    load = training["load_average"] if training else None
-    load_text = f"{load['mean']:.2f}, {load['max']:.2f}" if load else "-"
-    print(f"\n{'parse share':>12} {'complete':>9} {'val bpb':>8} {'val loss':>9} {'wall s':>8} {'cpu s':>8} "
-          f"{'load (mean, max)':>17}")
-    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-    print(f"{share:12.1%} {result['complete_share']:9.1%} {fmt(metrics['val_bpb'], '8.4f')} "
-          f"{fmt(metrics['val_loss'], '9.4f')} {fmt(training and training['wall_s'], '8.1f')} "
-          f"{fmt(training and training['cpu_s'], '8.1f')} "
-          f"{load_text:>17}")
-    first = next((r for r in rows if r["parses"]), rows[0])
-    print(f"\nsample (seed {first['seed']}, {'parses' if first['parses'] else 'does not parse'}):\n{first['function']}")
+              "text_val": text_val, "training": training, "sample_s": sample_s,
+              "load_average_now": list(os.getloadavg()), "results": rows}
+    print_table(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
     return 0
+
+
+def text_val_dir(args) -> Path | None:
+    if args.text_val is not None:
+        return None if str(args.text_val) == "none" else args.text_val
+    from data_prep import is_prepared
+    from lm.config import load_config
+
+    data_dir = ROOT / load_config(args.config, [o for o in args.overrides if o.startswith("data.dir=")]).data.dir
+    return data_dir if is_prepared(data_dir) else None
+
+
+def print_table(result: dict):
+    training = result["training"] or {}
+    load = training.get("load_average")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    cells = [("parse share", f"{result['parse_share']:.1%}"), ("complete", f"{result['complete_share']:.1%}"),
+             ("val bpb", fmt(result["val_bpb"], ".4f")), ("val loss", fmt(result["val_loss"], ".4f")),
+             ("text bpb", fmt(result["text_val"]["bpb"], ".4f")), ("steps", str(result["step"])),
+             ("wall s", fmt(training.get("wall_s"), ".1f")), ("cpu s", fmt(training.get("cpu_s"), ".1f")),
+             ("load mean/max", f"{load['mean']:.2f}/{load['max']:.2f}" if load else "-")]
+    widths = [max(len(k), len(v)) for k, v in cells]
+    print()
+    print("  ".join(k.rjust(w) for (k, _), w in zip(cells, widths)))
+    print("  ".join(v.rjust(w) for (_, v), w in zip(cells, widths)))
+    first = next((r for r in result["results"] if r["parses"]), result["results"][0])
+    print(f"\nsample (seed {first['seed']}, {'parses' if first['parses'] else 'does not parse'}):\n{first['function']}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""nanoGPT's CPU baby GPT (configs/shakespeare_char.toml) on a given text file: val loss at 2000 steps and
-wall time, beside nanoGPT's published figures for the same config on a 2-core CPU.
+"""nanoGPT's CPU baby GPT (configs/shakespeare_char.toml) on a given text file, measured side by side with a
+bare training loop in the same invocation: the same model, AdamW, schedule, evaluations and batches drawn
+the nanoGPT way, with nothing else (no checkpoints, metrics, stability checks or progress bar). Both
+run as fresh processes on the same prepared data, timed whole (imports included); the ratio
+lmforge / bare is what the framework costs.
 
     python bench/shakespeare_char.py ../shared/data/tinyshakespeare.txt [--out bench/results/shakespeare_char.json]
+    python bench/shakespeare_char.py TEXT train.max_steps=200     (overrides apply to both runs)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,38 +19,103 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NANOGPT = {"val_loss": 1.886, "wall_s": 132.0, "ms_per_step": 50.0}  # ../shared/GUIDE.md, same config
+CONFIG = ROOT / "configs" / "shakespeare_char.toml"
+
+
+def bare_loop(data_dir: str, out: str, overrides: list[str]):
+    """The loop without the framework, as nanoGPT's train.py runs it; writes its val losses to `out`."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    from data_prep import TokenReader
+    from lm.config import load_config
+    from lm.data import SampleStream
+    from lm.evaluation import VAL_SEED
+    from lm.model import GPT
+    from lm.optim import LRSchedule, build_optimizer
+
+    cfg = load_config(CONFIG, [f"data.dir={data_dir}", *overrides])
+    reader = TokenReader(data_dir, "train")
+    cfg.model.vocab_size = reader.vocab_size
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
+    train = np.memmap(reader.data_dir / reader.shards[0]["file"], dtype=reader.dtype, mode="r")
+    val = SampleStream(TokenReader(data_dir, "val"), cfg.model.block_size, VAL_SEED, "val")
+    t, block = cfg.train, cfg.model.block_size
+
+    def get_batch():
+        ix = torch.randint(len(train) - block - 1, (t.batch_size,))
+        x = torch.stack([torch.from_numpy(train[i:i + block].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
+        return x, y
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = [model(*val.batch(i, t.batch_size, torch.device("cpu")))[1].item()
+                  for i in range(0, t.eval_sequences, t.batch_size)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    vals = {0: evaluate()}
+    for step in range(t.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        x, y = get_batch()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % t.eval_interval == 0 or step + 1 == t.max_steps:
+            vals[step + 1] = evaluate()
+    Path(out).write_text(json.dumps({"val_loss": vals[max(vals)], "steps": t.max_steps}))
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return time.perf_counter() - start
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text", type=Path, help="tinyshakespeare.txt")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shakespeare_char.json")
-    p.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
-    args = p.parse_args()
+    p.add_argument("--bare", nargs=2, metavar=("DATA_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="extra section.key=value overrides, applied to both runs")
+    args = p.parse_intermixed_args()
+    if args.bare:
+        return bare_loop(*args.bare, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.toml"),
-               f'data.inputs=["{args.text.resolve()}"]', f"data.dir={tmp / 'data'}", f"train.out_dir={tmp / 'run'}",
-               "log.progress=false", *args.overrides]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        wall = time.perf_counter() - start
+        data = tmp / "data"
+        subprocess.run([sys.executable, "-m", "data_prep", "prepare", str(args.text.resolve()), "--out", str(data),
+                        "--tokenizer", "char", "--val-fraction", "0.1"], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        ours_s = timed([sys.executable, "train.py", str(CONFIG), f"data.dir={data}", f"train.out_dir={tmp / 'run'}",
+                        "log.progress=false", *args.overrides])
+        bare_s = timed([sys.executable, __file__, "--bare", str(data), str(tmp / "bare.json"), *args.overrides])
         records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        bare = json.loads((tmp / "bare.json").read_text())
     evals = [r for r in records if "val_loss" in r]
-    steps = [r for r in records if "loss" in r]
-    train_s = steps[-1]["wall_s"] - evals[0]["wall_s"]  # from the end of the step-0 evaluation to the last step
-    result = {
-        "config": "configs/shakespeare_char.toml", "text": str(args.text), "steps": steps[-1]["step"],
-        "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"], "wall_s": wall,
-        "train_loop_s": train_s, "ms_per_step": 1000 * train_s / steps[-1]["step"],
-        "nanogpt": NANOGPT, "wall_speedup_vs_nanogpt": NANOGPT["wall_s"] / wall,
-    }
-    print(f"{'':10} {'val loss':>9} {'wall s':>8} {'ms/step':>8}")
-    print(f"{'lmforge':10} {result['val_loss']:9.4f} {wall:8.1f} {result['ms_per_step']:8.1f}")
-    print(f"{'nanoGPT':10} {NANOGPT['val_loss']:9.4f} {NANOGPT['wall_s']:8.1f} {NANOGPT['ms_per_step']:8.1f}")
-    print(f"wall-time ratio nanoGPT/lmforge: {result['wall_speedup_vs_nanogpt']:.2f}x "
-          "(nanoGPT figure from ../shared/GUIDE.md, same config on a 2-core CPU)")
+    steps = [r for r in records if "loss" in r][-1]["step"]
+    result = {"config": "configs/shakespeare_char.toml", "text": str(args.text), "steps": steps,
+              "overrides": args.overrides, "load_average": os.getloadavg(),
+              "lmforge": {"val_loss": evals[-1]["val_loss"], "wall_s": ours_s, "ms_per_step": 1000 * ours_s / steps},
+              "bare": {"val_loss": bare["val_loss"], "wall_s": bare_s, "ms_per_step": 1000 * bare_s / steps},
+              "ratio_lmforge_over_bare": ours_s / bare_s}
+    print(f"{'':10} {'val loss':>9} {'wall s':>8} {'ms/step':>8}   (whole commands, imports included)")
+    for name in ("lmforge", "bare"):
+        r = result[name]
+        print(f"{name:10} {r['val_loss']:9.4f} {r['wall_s']:8.1f} {r['ms_per_step']:8.1f}")
+    print(f"lmforge / bare loop wall time: {result['ratio_lmforge_over_bare']:.3f}x "
+          f"(load average {result['load_average'][0]:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -67,7 +67,7 @@ def test_garbage_does_not_parse(text):
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quickstart_bench")
     args = ["--out-dir", str(tmp / "run"), "--json", str(tmp / "quickstart.json"), "--samples", "2",
-            "--max-new-tokens", "24", 'data.inputs=["${stdlib}/json/*.py"]', f"data.dir={tmp / 'data'}",
+            "--max-new-tokens", "24", "--text-val-bytes", "20000", 'data.inputs=["${stdlib}/json/*.py"]', f"data.dir={tmp / 'data'}",
             "data.vocab_size=400", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=64",
             "train.max_steps=4", "train.eval_interval=2", "train.eval_sequences=4", "train.batch_size=4"]
     assert bench.main(args) == 0
@@ -80,6 +80,8 @@ def test_the_smoke_run_reports_parse_share_bits_per_byte_wall_time_and_load(smok
     assert 0.0 <= report["parse_share"] <= 1.0 and 0.0 <= report["complete_share"] <= 1.0
     assert report["parse_share"] == sum(r["parses"] for r in report["results"]) / 2
     assert report["step"] == 4 and 0.0 < report["val_bpb"] < 20 and math.isfinite(report["val_loss"])
+    text_val = report["text_val"]  # the prepared data's val split as text, scored with the run's tokenizer
+    assert text_val["dir"] == str(tmp / "data") and 0 < text_val["bytes"] <= 20000 and 0 < text_val["bpb"] < 20
     training = report["training"]
     assert training["wall_s"] > 0 and 0 < training["setup_s"] < training["wall_s"] and training["cpu_s"] > 0
     assert training["data_prepared_in_run"] is True
@@ -93,9 +95,10 @@ def test_the_smoke_run_reports_parse_share_bits_per_byte_wall_time_and_load(smok
 def test_an_existing_run_is_scored_without_training_and_a_used_out_dir_is_refused(smoke, capsys):
     tmp, report = smoke
     assert bench.main(["--run-dir", str(tmp / "run"), "--json", str(tmp / "again.json"), "--samples", "2",
-                       "--max-new-tokens", "24"]) == 0
+                       "--max-new-tokens", "24", "--text-val", "none"]) == 0
     again = json.loads((tmp / "again.json").read_text())
-    assert again["training"] is None
+    assert again["training"] is None and again["text_val"]["bpb"] is None
+    assert again["val_bpb"] == report["val_bpb"]  # from the run's metrics.jsonl
     assert [r["text"] for r in again["results"]] == [r["text"] for r in report["results"]]  # fixed seeds
     assert bench.main(["--out-dir", str(tmp / "run"), "--json", str(tmp / "x.json")]) == 2
     assert "--overwrite" in capsys.readouterr().err

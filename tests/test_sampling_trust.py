@@ -1,4 +1,5 @@
 """Sampling refuses nonsense settings, and a run trained with Triton kernels samples and exports on a CPU."""
+import json
 import shutil
 
 import pytest
@@ -22,10 +23,15 @@ def runs(tiny_corpus, tmp_path_factory):
     prepare([str(tiny_corpus)], root / "data", tokenizer="char", show_progress=False)
     Trainer(load_config(None, [*TINY, f"data.dir={root / 'data'}", f"train.out_dir={root / 'sdpa'}"])).run()
     shutil.copytree(root / "sdpa", root / "triton")
-    for path in [root / "triton" / "config.toml", checkpoint.resolve(root / "triton") / "config.toml"]:
+    ckpt = checkpoint.resolve(root / "triton")
+    for path in [root / "triton" / "config.toml", ckpt / "config.toml"]:
         cfg = checkpoint.load_config(path.parent)
         cfg.model.attention, cfg.model.layernorm = "triton", "triton"
         path.write_text(to_toml(cfg))
+    # the checkpoint's record of its files must describe the rewritten config, or the checkpoint is damaged
+    record = json.loads((ckpt / "checkpoint.json").read_text())
+    record["files"].update(checkpoint._describe(ckpt, ["config.toml"]))
+    (ckpt / "checkpoint.json").write_text(json.dumps(record))
     return root
 
 
