@@ -13,6 +13,16 @@ def run_cli(*args, cwd=ROOT, timeout=600):
                           timeout=timeout)
 
 
+def assert_user_error(result, *fragments):
+    """A command-line run that ended as a user error should: exit 2, one `error: ...` line, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in line, line
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -11,6 +11,7 @@ from lm.config import ModelConfig, load_config, to_toml
 from lm.generate import generate
 from lm.model import GPT
 from lm.trainer import Trainer
+from tests.conftest import assert_user_error
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
         "log.progress=false", "train.device=cpu", "train.max_steps=2", "train.eval_interval=2"]
@@ -33,15 +34,6 @@ def runs(tiny_corpus, tmp_path_factory):
     record["files"].update(checkpoint._describe(ckpt, ["config.toml"]))
     (ckpt / "checkpoint.json").write_text(json.dumps(record))
     return root
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in line, line
 
 
 NONSENSE = [

@@ -10,6 +10,7 @@ from lm import checkpoint
 from lm.config import load_config
 from lm.model import GPT
 from lm.trainer import Trainer
+from tests.conftest import assert_user_error
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.batch_size=4", "train.eval_sequences=8", "log.progress=false", "log.interval=1",
@@ -73,15 +74,6 @@ def test_keep_checkpoints_prunes_the_oldest(char_data, tmp_path):
 
 def train_cli(cli, data_dir, out_dir, *extra):
     return cli("train.py", "configs/shakespeare_char.toml", *overrides(data_dir, out_dir, *extra))
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in line, line
 
 
 def test_resume_with_another_model_shape_is_refused(cli, char_data, tmp_path):
