@@ -97,7 +97,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen explicitly
             loss, grad_h, grad_w = _chunked(hidden, weight, targets, chunk, compute, ignore_index,
                                             need_hidden, need_weight)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.chunk = hidden.dtype, weight.dtype, chunk
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -107,7 +107,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         # in place: these buffers exist only for this backward (a second backward through the same graph
         # is refused by autograd's version check on the saved tensors)
         if grad_h is not None:
-            grad_h = grad_h.mul_(grad_output.to(grad_h.dtype)).to(ctx.hidden_dtype)
+            if grad_h.dtype == torch.float32:
+                grad_h.mul_(grad_output)
+            else:  # bf16: scale in fp32 (as the plain loss's backward does), a chunk of rows at a time
+                for rows in grad_h.split(ctx.chunk):
+                    rows.copy_(rows.float().mul_(grad_output))
+            grad_h = grad_h.to(ctx.hidden_dtype)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_output.float()).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None

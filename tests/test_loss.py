@@ -53,7 +53,7 @@ def test_fp32_loss_and_gradients_equal_cross_entropy(chunk):
 
 def test_bf16_loss_and_gradients_equal_cross_entropy():
     h, w, t = inputs(N=300, C=64, V=500, dtype=torch.bfloat16)
-    got, want = chunked(h, w, t, 64), reference(h, w, t)
+    got, want = chunked(h, w, t, 64, 1 / 3), reference(h, w, t, 1 / 3)  # (as loss / grad_accum)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)  # the loss is summed in fp32 on both sides
     for a, b in zip(got[1:], want[1:]):
@@ -85,6 +85,14 @@ def test_no_grad_all_ignored_and_bad_arguments():
         linear_cross_entropy(h, w, t, 0)
     with pytest.raises(ValueError, match="expected"):
         linear_cross_entropy(h, w.T, t, 8)
+
+
+def test_a_second_backward_through_the_same_graph_is_refused():
+    h, w, t = inputs()
+    loss = linear_cross_entropy(h, w, t, 8)
+    loss.backward(retain_graph=True)  # the stored gradients are scaled in place by the first backward
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 def tiny(loss_chunk: int) -> GPT:
