@@ -29,6 +29,8 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] != str(ROOT):
+    sys.path.insert(0, str(ROOT))  # run as a script, bench/ comes first: bench/data_prep.py would shadow data_prep
 PROMPT = "def "
 _SKIP = (tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER)
 
