@@ -202,7 +202,8 @@ def test_sigterm_to_one_rank_at_random_moments_always_saves_and_never_hangs(data
            "--resume"]
     last_step = 0
     for trial in range(20):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+        # PYTHONFAULTHANDLER: a worker that aborts prints every thread's Python stack
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(_free_port())}
         workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
