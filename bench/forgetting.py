@@ -39,6 +39,7 @@ METHODS = {
     # lambda multiplies a Fisher of mean 1; from 0.1 up it costs >= 0.5 nats of adaptation here
     "ewc 0.003": ["continual.ewc_batches=16", "continual.ewc_lambda=0.003"],
     "ewc 0.005": ["continual.ewc_batches=16", "continual.ewc_lambda=0.005"],
+    "ewc 0.007": ["continual.ewc_batches=16", "continual.ewc_lambda=0.007"],
     "ewc 0.01": ["continual.ewc_batches=16", "continual.ewc_lambda=0.01"],
     "ewc 0.03": ["continual.ewc_batches=16", "continual.ewc_lambda=0.03"],
     "ewc 0.1": ["continual.ewc_batches=16", "continual.ewc_lambda=0.1"],

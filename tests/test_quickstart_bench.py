@@ -103,3 +103,19 @@ def test_an_existing_run_is_scored_without_training_and_a_used_out_dir_is_refuse
     assert bench.main(["--out-dir", str(tmp / "run"), "--json", str(tmp / "x.json")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp / "run" / "metrics.jsonl").exists() and not (tmp / "x.json").exists()
+
+
+def test_the_quickstart_corpus_leaves_out_generated_tables_and_keeps_the_code():
+    """The first release's corpus included 123 encodings/cp*.py codec tables and pydoc's help text, and the
+    quickstart's samples were codec-table lines."""
+    from data_prep.sources import list_files
+    from lm.config import load_config
+
+    data = load_config(ROOT / "configs" / "quickstart.toml", []).data
+    files = [f.as_posix() for f in list_files(data.inputs, data.exclude)]
+    for table in ("/encodings/cp1252.py", "/encodings/mac_roman.py", "/pydoc_data/topics.py", "/html/entities.py"):
+        assert not any(f.endswith(table) for f in files), table
+    assert not any("/test/" in f or "/tests/" in f or "/idle_test/" in f for f in files)
+    for module in ("/argparse.py", "/json/decoder.py", "/asyncio/tasks.py", "/collections/__init__.py"):
+        assert any(f.endswith(module) for f in files), module
+    assert len(files) > 300
