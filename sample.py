@@ -13,7 +13,7 @@ import torch
 from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.export import load
-from lm.generate import check_sampling, generate
+from lm.generate import check_sampling, generate, heal_prompt
 
 
 def parse_args(argv):
@@ -92,8 +92,13 @@ class Streamer:
 
 
 def run(model, tokenizer, device, args, prompts: list[str]):
-    ids = [tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts for _ in range(args.num_samples)]
-    texts = [p for p in prompts for _ in range(args.num_samples)]
+    vocab = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    ids, texts, allowed = [], [], []
+    for p in prompts:
+        healed, first, removed = heal_prompt(tokenizer.encode(p) if p else [tokenizer.eos_id], vocab)
+        ids += [healed] * args.num_samples
+        texts += [p[:len(p) - len(removed)]] * args.num_samples  # the first new token writes `removed` again
+        allowed += [first] * args.num_samples
 
     def decode(tokens):
         return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
@@ -109,7 +114,8 @@ def run(model, tokenizer, device, args, prompts: list[str]):
     outputs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
                        stop=stop if args.stop else None, at_limit=args.at_limit, generator=generator,
-                       on_token=Streamer(tokenizer) if stream else None, on_limit=cut.append)
+                       on_token=Streamer(tokenizer) if stream else None, on_limit=cut.append,
+                       first_allowed=allowed)
     if stream:
         print()
         note_limit(model, cut)

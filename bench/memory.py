@@ -1,7 +1,8 @@
 """Peak memory of training steps with and without activation checkpointing, and with the whole fp32 logits
 (model.loss_chunk = 0) against the chunked loss (lm/loss.py, the default model.loss_chunk), for one model
-and batch: process RSS growth on CPU (each case in a fresh process, large allocations mmapped so that RSS
-follows the live tensors), CUDA max allocated on a GPU; beside each, lm/plan.py's prediction.
+and batch: on CPU the peak of live tensor bytes in the profiler's allocation record (each case in a fresh
+process; RSS would also count the C heap's fragmentation), CUDA max allocated on a GPU; beside each,
+lm/plan.py's prediction.
 
     python bench/memory.py [--device cpu|cuda] [--out bench/results/memory.json]
 """
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -19,6 +18,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["model.n_layer=8", "model.n_head=8", "model.n_embd=512", "model.block_size=512", "model.vocab_size=8192",
          "train.batch_size=8", "train.dtype=float32", "model.dropout=0.0"]
+
+
+def cpu_peak_growth(fn) -> tuple[int, object]:
+    """(peak live tensor bytes allocated while fn() runs, fn's result), from the profiler's record of every
+    allocation (+) and free (-) in order."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, result
 
 
 def measure(mode: str, loss_chunk: int, device: str, steps: int = 3) -> dict:
@@ -45,21 +60,25 @@ def measure(mode: str, loss_chunk: int, device: str, steps: int = 3) -> dict:
     opt.step()
     for group in opt.param_groups:
         group["lr"] = lr
+
+    def train_steps():
+        for _ in range(steps):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        return loss
+
+    start = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        loss = train_steps()
+        growth = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mode": mode, "loss_chunk": loss_chunk, "device": device, "peak_growth_gb": (peak - base) / 1e9,
+        growth, loss = cpu_peak_growth(train_steps)
+    return {"mode": mode, "loss_chunk": loss_chunk, "device": device, "peak_growth_gb": growth / 1e9,
             # the gradients and optimizer state exist before the baseline: the rest of the planned peak
             "planned_gb": (p.mem_activations + p.mem_logits + p.mem_temporaries) / 1e9,
             "planned_logits_gb": p.mem_logits / 1e9,
@@ -80,12 +99,11 @@ def main():
         mode, chunk = args.child.split(":")
         print(json.dumps(measure(mode, int(chunk), args.device)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave RSS (as tests/test_plan.py)
     rows = []
     for mode in ("none", "full"):
         for chunk in (0, args.loss_chunk):
             out = subprocess.run([sys.executable, __file__, "--child", f"{mode}:{chunk}", "--device", args.device],
-                                 capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by = {(r["mode"], r["loss_chunk"]): r for r in rows}
     print(f"{'activation ckpt':16} {'loss_chunk':>10} {'peak growth GB':>15} {'planned GB':>11} "

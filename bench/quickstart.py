@@ -237,14 +237,18 @@ def load_run(run_dir: Path):
     return model, load_tokenizer(ckpt)
 
 
-def sample(model, tokenizer, samples: int, max_new_tokens: int, temperature: float, top_k: int) -> list[dict]:
+def sample(model, tokenizer, samples: int, max_new_tokens: int, temperature: float, top_k: int,
+           heal: bool = True) -> list[dict]:
     """Sample i continues PROMPT with seed i; each row: the text, its function (up to the first dedent) and
     whether it parses."""
     import torch
 
-    from lm.generate import generate
+    from lm.generate import generate, heal_prompt
 
-    ids = tokenizer.encode(PROMPT)
+    ids, first, removed = tokenizer.encode(PROMPT), None, ""
+    if heal:  # as sample.py does
+        ids, first, removed = heal_prompt(ids, [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)])
+    head = PROMPT[:len(PROMPT) - len(removed)]
 
     def decode(tokens):
         return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
@@ -253,9 +257,9 @@ def sample(model, tokenizer, samples: int, max_new_tokens: int, temperature: flo
     for seed in range(samples):
         generator = torch.Generator().manual_seed(seed)
         tokens = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
-                          eos_id=tokenizer.eos_id, stop=lambda row, new: reached_end(PROMPT + decode(new)),
-                          generator=generator)[0]
-        text = PROMPT + decode(tokens)
+                          eos_id=tokenizer.eos_id, stop=lambda row, new: reached_end(head + decode(new)),
+                          generator=generator, first_allowed=[first])[0]
+        text = head + decode(tokens)
         source, complete, _ = function_source(text)
         out.append({"seed": seed, "tokens": len(tokens), "eos": tokenizer.eos_id in tokens,
                     "complete": complete, "parses": parses_as_function(text), "function": source, "text": text})
@@ -274,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--no-token-healing", action="store_true",
+                   help="sample from the prompt's tokens as they are (sample.py heals the prompt's last token)")
     p.add_argument("--text-val", type=Path,
                    help="also score bits/byte on the first --text-val-bytes of this prepared dataset's val split, "
                         "decoded to text (comparable across corpora and tokenizers; default: the config's "
@@ -298,7 +304,8 @@ def main(argv=None) -> int:
     metrics = run_metrics(run_dir)
     model, tokenizer = load_run(run_dir)
     start = time.perf_counter()
-    rows = sample(model, tokenizer, args.samples, args.max_new_tokens, args.temperature, args.top_k)
+    rows = sample(model, tokenizer, args.samples, args.max_new_tokens, args.temperature, args.top_k,
+                  heal=not args.no_token_healing)
     sample_s = time.perf_counter() - start
     text_val = {"dir": None, "bytes": 0, "bpb": None}
     text_dir = text_val_dir(args)
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
         text_val = {"dir": str(text_dir), "bytes": len(text.encode()), "bpb": text_bits_per_byte(model, tokenizer, text)}
     share = sum(r["parses"] for r in rows) / len(rows)
     result = {"run_dir": str(run_dir), "prompt": PROMPT, "samples": len(rows), "temperature": args.temperature,
-              "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seeds": [r["seed"] for r in rows],
+              "top_k": args.top_k, "token_healing": not args.no_token_healing, "max_new_tokens": args.max_new_tokens, "seeds": [r["seed"] for r in rows],
               "parse_share": share, "complete_share": sum(r["complete"] for r in rows) / len(rows),
               **{k: metrics[k] for k in ("step", "val_loss", "val_bpb", "train_loss", "train_loop_s")},
               "text_val": text_val, "training": training, "sample_s": sample_s,

@@ -87,6 +87,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text", type=Path, help="tinyshakespeare.txt")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shakespeare_char.json")
+    p.add_argument("--keep-run", type=Path, help="train lmforge's run here and keep it (e.g. to sample from it)")
     p.add_argument("--bare", nargs=2, metavar=("DATA_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides, applied to both runs")
     args = p.parse_intermixed_args()
@@ -98,10 +99,11 @@ def main():
         subprocess.run([sys.executable, "-m", "data_prep", "prepare", str(args.text.resolve()), "--out", str(data),
                         "--tokenizer", "char", "--val-fraction", "0.1"], check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
-        ours_s = timed([sys.executable, "train.py", str(CONFIG), f"data.dir={data}", f"train.out_dir={tmp / 'run'}",
+        run = args.keep_run.resolve() if args.keep_run else tmp / "run"
+        ours_s = timed([sys.executable, "train.py", str(CONFIG), f"data.dir={data}", f"train.out_dir={run}",
                         "log.progress=false", *args.overrides])
         bare_s = timed([sys.executable, __file__, "--bare", str(data), str(tmp / "bare.json"), *args.overrides])
-        records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         bare = json.loads((tmp / "bare.json").read_text())
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "loss" in r][-1]["step"]

@@ -96,14 +96,41 @@ def _prefill(model: GPT, tokens: torch.Tensor, pad: torch.Tensor, dtype):
 
 
 @torch.no_grad()
+def heal_prompt(ids: list[int], token_texts: list[str]) -> tuple[list[int], list[int] | None, str]:
+    """Token healing. A prompt that ends inside what the data writes as one token ("def " ends in the token
+    " ", but the data has "def" + " foo") leaves the model after a token it rarely saw there, and the text
+    derails. Back up by the last token and let the first new token be any whose text starts with it.
+    Returns (prompt ids, the allowed first tokens or None when nothing was backed up, the removed text).
+    `token_texts[i]` is token i decoded alone."""
+    if len(ids) < 2:
+        return ids, None, ""
+    tail = token_texts[ids[-1]]
+    allowed = [i for i, text in enumerate(token_texts) if text.startswith(tail)] if tail else []
+    if len(allowed) < 2:  # nothing longer starts with it: the prompt already ends where a token ends
+        return ids, None, ""
+    return ids[:-1], allowed, tail
+
+
+def _restrict(logits: torch.Tensor, allowed: list[list[int] | None]) -> torch.Tensor:
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for row, ids in enumerate(allowed):
+        if ids is None:
+            keep[row] = True
+        else:
+            keep[row, ids] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_id: int | None = None,
              stop: Callable[[int, list[int]], bool] | None = None, at_limit: str = "slide",
              generator: torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             on_limit: Callable[[int], None] | None = None) -> list[list[int]]:
+             on_limit: Callable[[int], None] | None = None,
+             first_allowed: list[list[int] | None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), each ending at EOS (included), when `stop(row, new_tokens)`
     says so, or after max_new_tokens. temperature 0 is greedy. `on_token(row, token)` streams them.
+    `first_allowed[row]` (see heal_prompt) restricts that row's first new token to those ids.
     With at_limit="stop", `on_limit(row)` is called for each row that the context limit cut short (not yet
     at EOS, a stop or max_new_tokens)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -132,6 +159,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     done = [False] * B
     for step in range(max_new_tokens):
         logits = last.float()
+        if step == 0 and first_allowed is not None:
+            logits = _restrict(logits, first_allowed)
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, seen, repetition_penalty)
         if temperature == 0:

@@ -215,3 +215,35 @@ def test_plot_of_a_plain_run_draws_one_val_series(tmp_path, cli):
     r = cli("-m", "lm.plot", tmp_path / "run", "--smooth", "10")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- token healing (the quickstart's "def ")
+
+def test_heal_prompt_backs_up_a_token_that_longer_tokens_start_with():
+    from lm.generate import heal_prompt
+
+    texts = ["def", " ", " foo", " bar", "x", "  "]
+    assert heal_prompt([0, 1], texts) == ([0], [1, 2, 3, 5], " ")
+    assert heal_prompt([0, 2], texts) == ([0, 2], None, "")  # " foo" ends where a token ends
+    assert heal_prompt([1], texts) == ([1], None, "")  # nothing left to condition on
+
+
+def test_the_first_new_token_is_restricted_only_in_its_row():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    free = generate(model, [[1, 2], [1, 2]], 3, temperature=0)
+    first = next(t for t in range(20) if t != free[0][0])
+    out = generate(model, [[1, 2], [1, 2]], 3, temperature=0, first_allowed=[[first], None])
+    assert out[0][0] == first and out[1] == free[1]
+
+
+def test_sample_heals_a_prompt_ending_in_a_space(trained):
+    """A BPE vocabulary writes " the" as one token, so "... " ends inside it: the sample continues with a
+    token that starts with the space, and the printed text starts with the prompt exactly once."""
+    tok = load_tokenizer(trained / "data")
+    ids = tok.encode("the ")
+    assert tok.decode(ids[-1:]) == " "  # the case that derails sampling
+    r = run_cli("sample.py", trained / "run", "--prompt", "the ", "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    # unhealed, the next token after " " is most often another " word" token: "the  word"
+    assert r.stdout.startswith("the ") and not r.stdout.startswith("the  ")
