@@ -83,16 +83,16 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--bare"]:  # the child process of the bare-loop run: DATA_DIR OUT_JSON [overrides]
+        return bare_loop(argv[1], argv[2], argv[3:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text", type=Path, help="tinyshakespeare.txt")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shakespeare_char.json")
     p.add_argument("--keep-run", type=Path, help="train lmforge's run here and keep it (e.g. to sample from it)")
-    p.add_argument("--bare", nargs=2, metavar=("DATA_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides, applied to both runs")
-    args = p.parse_intermixed_args()
-    if args.bare:
-        return bare_loop(*args.bare, args.overrides)
+    args = p.parse_intermixed_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "data"
