@@ -6,12 +6,14 @@ lmforge / bare is what the framework costs.
 
     python bench/shakespeare_char.py ../shared/data/tinyshakespeare.txt [--out bench/results/shakespeare_char.json]
     python bench/shakespeare_char.py TEXT train.max_steps=200     (overrides apply to both runs)
+    python bench/shakespeare_char.py TEXT --rounds 3              (alternating; the fastest of each compared)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("text", type=Path, help="tinyshakespeare.txt")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shakespeare_char.json")
+    p.add_argument("--rounds", type=int, default=1, help="alternating runs of each; the fastest of each is compared")
     p.add_argument("--keep-run", type=Path, help="train lmforge's run here and keep it (e.g. to sample from it)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides, applied to both runs")
     args = p.parse_intermixed_args(argv)
@@ -100,9 +103,17 @@ def main(argv=None):
                         "--tokenizer", "char", "--val-fraction", "0.1"], check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
         run = args.keep_run.resolve() if args.keep_run else tmp / "run"
-        ours_s = timed([sys.executable, "train.py", str(CONFIG), f"data.dir={data}", f"train.out_dir={run}",
-                        "log.progress=false", *args.overrides])
-        bare_s = timed([sys.executable, __file__, "--bare", str(data), str(tmp / "bare.json"), *args.overrides])
+        ours_all, bare_all = [], []
+        if run.exists() and any(run.iterdir()):
+            raise SystemExit(f"error: --keep-run {run} is not empty")
+        for i in range(args.rounds):  # alternating, so a change in the machine's load touches both alike
+            if i:
+                shutil.rmtree(run)  # the previous round's run, ours
+            ours_all.append(timed([sys.executable, "train.py", str(CONFIG), f"data.dir={data}",
+                                   f"train.out_dir={run}", "log.progress=false", *args.overrides]))
+            bare_all.append(timed([sys.executable, __file__, "--bare", str(data), str(tmp / "bare.json"),
+                                   *args.overrides]))
+        ours_s, bare_s = min(ours_all), min(bare_all)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         bare = json.loads((tmp / "bare.json").read_text())
     evals = [r for r in records if "val_loss" in r]
@@ -111,8 +122,10 @@ def main(argv=None):
               "overrides": args.overrides, "load_average": os.getloadavg(),
               "lmforge": {"val_loss": evals[-1]["val_loss"], "wall_s": ours_s, "ms_per_step": 1000 * ours_s / steps},
               "bare": {"val_loss": bare["val_loss"], "wall_s": bare_s, "ms_per_step": 1000 * bare_s / steps},
-              "ratio_lmforge_over_bare": ours_s / bare_s}
-    print(f"{'':10} {'val loss':>9} {'wall s':>8} {'ms/step':>8}   (whole commands, imports included)")
+              "ratio_lmforge_over_bare": ours_s / bare_s, "rounds": args.rounds,
+              "wall_s_each": {"lmforge": ours_all, "bare": bare_all}}
+    print(f"{'':10} {'val loss':>9} {'wall s':>8} {'ms/step':>8}   (whole commands, imports included; "
+          f"best of {args.rounds} alternating rounds)")
     for name in ("lmforge", "bare"):
         r = result[name]
         print(f"{name:10} {r['val_loss']:9.4f} {r['wall_s']:8.1f} {r['ms_per_step']:8.1f}")
