@@ -1,6 +1,7 @@
 """nanoGPT's CPU baby GPT (configs/shakespeare_char.toml) on a given text file, measured side by side with a
-bare training loop in the same invocation: the same model, AdamW, schedule, evaluations and batches drawn
-the nanoGPT way, with nothing else (no checkpoints, metrics, stability checks or progress bar). Both
+bare training loop in the same invocation: the same model, schedule and evaluations, batches drawn and AdamW
+built the nanoGPT way (its per-tensor AdamW on a CPU; lmforge uses the fused one), with nothing else (no
+checkpoints, metrics, stability checks or progress bar). Both
 run as fresh processes on the same prepared data, timed whole (imports included); the ratio
 lmforge / bare is what the framework costs.
 
@@ -35,7 +36,7 @@ def bare_loop(data_dir: str, out: str, overrides: list[str]):
     from lm.data import SampleStream
     from lm.evaluation import VAL_SEED
     from lm.model import GPT
-    from lm.optim import LRSchedule, build_optimizer
+    from lm.optim import LRSchedule
 
     cfg = load_config(CONFIG, [f"data.dir={data_dir}", *overrides])
     reader = TokenReader(data_dir, "train")
@@ -44,7 +45,13 @@ def bare_loop(data_dir: str, out: str, overrides: list[str]):
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model, seed=cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    # nanoGPT's configure_optimizers: decay on 2-D weights, the fused kernel only on CUDA
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
     train = np.memmap(reader.data_dir / reader.shards[0]["file"], dtype=reader.dtype, mode="r")
     val = SampleStream(TokenReader(data_dir, "val"), cfg.model.block_size, VAL_SEED, "val")

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: `except Exception` misses it
 
-from lm.config import Config, ConfigError, config_from_toml_text, to_toml
+from lm.config import Config, ConfigError, config_from_toml_text, mlp_hidden_size, to_toml
 
 CKPT_DIR = "ckpt"
 RECORD = "checkpoint.json"
@@ -503,13 +503,16 @@ def load_info(ckpt: Path) -> dict:
     return info
 
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation", "norm", "position",
+              "mlp", "mlp_hidden", "n_kv_head", "qk_norm")
+RESOLVED = {"mlp_hidden": mlp_hidden_size, "n_kv_head": lambda m: m.n_kv_head or m.n_head}  # 0 means a default
 
 
 def check_shape(ckpt: Path, saved: Config, current: Config):
     """Refuse to load weights into a model of another shape, naming the first differing key."""
     for key in SHAPE_KEYS:
-        a, b = getattr(saved.model, key), getattr(current.model, key)
+        value = RESOLVED.get(key, lambda m: getattr(m, key))
+        a, b = value(saved.model), value(current.model)
         if a != b:
             raise CheckpointError(f"{ckpt}: checkpoint has model.{key} = {a}, the config asks for {b}")
 

@@ -28,7 +28,22 @@ PRESETS: dict[str, dict] = {
     "gpt2-350m": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-774m": dict(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
     "gpt2-1.5b": dict(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+    # The shape of Llama 3.2 1B (Meta, 2024): 16 layers, 2048 wide, 32 query and 8 key/value heads, SwiGLU
+    # 8192, RMSNorm, RoPE theta 500000, tied embeddings, its 128,256-token vocabulary.
+    "llama-style-1b": dict(vocab_size=128256, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+                           mlp_hidden=8192, norm="rmsnorm", position="rope", rope_theta=500000.0, mlp="swiglu",
+                           bias=False),
 }
+
+
+def mlp_hidden_size(cfg: "ModelConfig") -> int:
+    """The MLP's width: model.mlp_hidden, else GPT-2's 4 n_embd, or for SwiGLU Llama's rule (two thirds of
+    4 n_embd, so the three matrices cost what GPT-2's two do, rounded up to a multiple of 256)."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return -(-int(8 * cfg.n_embd / 3) // 256) * 256
+    return 4 * cfg.n_embd
 
 
 @dataclass
@@ -45,6 +60,14 @@ class ModelConfig:
     attention: str = "sdpa"  # "sdpa" (torch) or "triton" (our fused flash attention, kernels/)
     layernorm: str = "torch"  # "torch" or "triton" (our fused LayerNorm, kernels/)
     loss_chunk: int = 4096  # tokens per chunk of the head + cross-entropy (lm/loss.py); 0: whole fp32 logits
+    # Block options beyond GPT-2's (its choices are the defaults; "llama-style-1b" sets Llama's):
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama); model.layernorm picks the kernel for either
+    position: str = "learned"  # "learned" (a table of block_size positions, GPT-2) or "rope" (rotary, Llama)
+    rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
+    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (gated, Llama)
+    mlp_hidden: int = 0  # MLP width; 0: 4 n_embd for gelu, Llama's 8/3 n_embd rounded up to 256 for swiglu
+    n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (1: multi-query)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
 
 
 @dataclass
@@ -65,6 +88,9 @@ class DataConfig:
     # named validation sets "NAME:DIR" (the val split of DIR), logged as val/NAME_loss; empty: the val split
     # of `dir`, or of each source named by its role. A set named "new" reports adaptation, "replay" forgetting.
     val_sets: list[str] = field(default_factory=list)
+    # Packed sequences stay packed, but no token attends across an EOS (the end of its document) and positions
+    # restart at each document's first token.
+    document_mask: bool = False
 
 
 @dataclass
@@ -189,6 +215,9 @@ CHOICES = {
     ("model", "attention"): ("sdpa", "triton"),
     ("model", "layernorm"): ("torch", "triton"),
     ("model", "activation"): ("gelu", "gelu_tanh"),
+    ("model", "norm"): ("layernorm", "rmsnorm"),
+    ("model", "position"): ("learned", "rope"),
+    ("model", "mlp"): ("gelu", "swiglu"),
     ("data", "tokenizer"): ("bpe", "char"),
     ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
@@ -373,6 +402,14 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.loss_chunk", "must be >= 0 (tokens per chunk of the loss; 0: whole logits)")
     if m.n_embd % m.n_head:
         bad("model.n_embd", f"= {m.n_embd} is not divisible by model.n_head = {m.n_head}")
+    if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+        bad("model.n_kv_head", f"= {m.n_kv_head} must divide model.n_head = {m.n_head} (0: as many as n_head)")
+    if m.position == "rope" and (m.n_embd // m.n_head) % 2:
+        bad("model.position", f"= 'rope' needs an even head size; n_embd / n_head = {m.n_embd // m.n_head}")
+    if m.rope_theta <= 1:
+        bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
+    if m.mlp_hidden < 0:
+        bad("model.mlp_hidden", "must be >= 0 (0: the width model.mlp implies)")
     # Refused before anything is allocated (a typo, or a damaged config.toml in a checkpoint): embeddings,
     # then 12 n_embd^2 per block (attention 4, MLP 8).
     params = (m.vocab_size + m.block_size) * m.n_embd + 12 * m.n_layer * m.n_embd ** 2

@@ -36,7 +36,8 @@ class Freezing:
             p.requires_grad_(True)
         if blocks == 0:
             return True
-        frozen = [model.transformer.wte, model.transformer.wpe, *model.transformer.h[:blocks]]
+        embeddings = [model.transformer[name] for name in ("wte", "wpe") if name in model.transformer]
+        frozen = [*embeddings, *model.transformer.h[:blocks]]
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)

@@ -37,7 +37,7 @@ class KVCache:
     be left-padded (`pad[b]` slots): padding is never attended to and positions start after it."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head or cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # slots filled so far

@@ -1,9 +1,11 @@
 """A GPT in plain PyTorch, readable top to bottom: attention, MLP, Block, GPT.
 
-Token + learned position embeddings, pre-LayerNorm blocks, causal self-attention, GELU MLP, dropout on
-embeddings / attention / residuals, a final LayerNorm, and an output head tied to the token embedding.
-The attention and LayerNorm kernels come from lm.attention (model.attention, model.layernorm); the KV cache
-that `forward` fills during generation is lm.generate.KVCache.
+GPT-2's block by default: token + learned position embeddings, pre-LayerNorm blocks, causal self-attention,
+GELU MLP, dropout on embeddings / attention / residuals, a final LayerNorm, and an output head tied to the
+token embedding. The modern options are config keys: RMSNorm, rotary positions (lm/position.py), SwiGLU,
+grouped-query attention (n_kv_head), query/key norm, no biases. The attention and norm kernels come from
+lm.attention (model.attention, model.layernorm); the KV cache that `forward` fills during generation is
+lm.generate.KVCache.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lm.attention import ATTENTION, make_layernorm
-from lm.config import ModelConfig
+from lm.attention import ATTENTION, is_norm, make_norm
+from lm.config import ModelConfig, mlp_hidden_size
 from lm.loss import linear_cross_entropy
+from lm.position import apply_rope, document_positions, document_segments, rope_tables
 
 if TYPE_CHECKING:  # generation's KV cache; lm.generate imports this module
     from lm.generate import KVCache
@@ -28,18 +31,32 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head  # fewer: each key/value head serves a group of queries
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            # RMSNorms whatever model.norm is, as in OLMo 2 and Qwen 3
+            self.q_norm = make_norm(cfg, self.head_dim, kind="rmsnorm")
+            self.k_norm = make_norm(cfg, self.head_dim, kind="rmsnorm")
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = ATTENTION[cfg.attention]
 
-    def forward(self, x, cache: KVCache | None = None, mask=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, segments=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0, mask=mask)
+        y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0, mask=mask,
+                        segments=segments)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -47,25 +64,41 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        hidden = mlp_hidden_size(cfg)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP: silu(x W_gate) * (x W_up), projected back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = make_layernorm(cfg)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = make_layernorm(cfg)
-        self.mlp = MLP(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def forward(self, x, cache: KVCache | None = None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, segments=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask, segments)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,27 +108,30 @@ class GPT(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be resolved (>= 1) before building the model")
         self.cfg = cfg
+        layers = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.position == "learned":
+            layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **layers,
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=make_layernorm(cfg),
+            ln_f=make_norm(cfg),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.checkpointed: set[int] = set()  # blocks that recompute activations in backward (lm.parallel)
+        self.document_eos: int | None = None  # data.document_mask: the EOS id that ends each packed document
         self.init_weights(seed)
 
     def initial_value(self, name: str, seed: int) -> torch.Tensor:
         """The full initial tensor of parameter `name`, drawn from a generator seeded by (seed, name), so
         a model sharded over any number of ranks starts exactly like a single-process one.
         N(0, 0.02) for weights; projections into the residual stream get 0.02 / sqrt(2 * n_layer) so the
-        stream's variance does not grow with depth (GPT-2); LayerNorm gains 1; biases 0."""
+        stream's variance does not grow with depth (GPT-2); norm gains 1; biases 0."""
         shape = self.get_parameter(name).shape
         if name.endswith(".bias"):
             return torch.zeros(shape)
-        if ".ln_" in name or name.startswith("transformer.ln_f"):
+        if is_norm(self.get_submodule(name.rsplit(".", 1)[0])):
             return torch.ones(shape)
         std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -118,27 +154,40 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head shares the token embedding)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() - self.transformer.wte.weight.numel() \
-            if non_embedding else n
+        if non_embedding:
+            n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
+        return n
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
         """(logits, loss): logits for every position and, with targets, the mean cross-entropy (targets of
         -100 are ignored). With targets and model.loss_chunk > 0 the loss is computed chunk by chunk
-        without the whole logits (lm/loss.py) and the logits returned are None."""
+        without the whole logits (lm/loss.py) and the logits returned are None. With `document_eos` set
+        (data.document_mask), each packed document attends only to itself and its positions start at 0."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size = {self.cfg.block_size}")
-        if cache is None:
-            pos, mask = torch.arange(T, device=idx.device), None
-        else:
+        segments, mask = None, None
+        if cache is not None:
             pos, mask = cache.positions(T, idx.device), cache.attention_mask(T, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        elif self.document_eos is not None:
+            segments = document_segments(idx, self.document_eos)
+            pos = document_positions(segments)
+        else:
+            pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rope_tables(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if i in self.checkpointed and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)  # RNG state is preserved for dropout
+                # RNG state is preserved for dropout
+                x = checkpoint(block, x, rope, None, None, segments, use_reentrant=False)
             else:
-                x = block(x, cache, mask)
+                x = block(x, rope, cache, mask, segments)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)

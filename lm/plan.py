@@ -59,7 +59,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 
-from lm.config import Config, ConfigError, ModelConfig
+from lm.config import Config, ConfigError, ModelConfig, mlp_hidden_size
 from lm.metrics import PEAK_FLOPS
 
 USABLE_FRACTION = 0.9
@@ -78,27 +78,37 @@ def parse_memory(text: str) -> float:
 
 def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter, in GPT.named_parameters() order (the tied head appears once)."""
-    h = m.n_embd
-    shapes = [("transformer.wte.weight", (m.vocab_size, h)), ("transformer.wpe.weight", (m.block_size, h))]
+    h, head = m.n_embd, m.n_embd // m.n_head
+    kv, hidden = (m.n_kv_head or m.n_head) * head, mlp_hidden_size(m)
+    shapes = [("transformer.wte.weight", (m.vocab_size, h))]
+    if m.position == "learned":
+        shapes.append(("transformer.wpe.weight", (m.block_size, h)))
 
     def linear(name, n_in, n_out):
         shapes.append((f"{name}.weight", (n_out, n_in)))
         if m.bias:
             shapes.append((f"{name}.bias", (n_out,)))
 
-    def norm(name):
-        shapes.append((f"{name}.weight", (h,)))
-        if m.bias:
-            shapes.append((f"{name}.bias", (h,)))
+    def norm(name, size=h, kind=m.norm):
+        shapes.append((f"{name}.weight", (size,)))
+        if m.bias and kind == "layernorm":
+            shapes.append((f"{name}.bias", (size,)))
 
     for i in range(m.n_layer):
         p = f"transformer.h.{i}"
         norm(f"{p}.ln_1")
-        linear(f"{p}.attn.c_attn", h, 3 * h)
+        linear(f"{p}.attn.c_attn", h, h + 2 * kv)
         linear(f"{p}.attn.c_proj", h, h)
+        if m.qk_norm:
+            norm(f"{p}.attn.q_norm", head, "rmsnorm")
+            norm(f"{p}.attn.k_norm", head, "rmsnorm")
         norm(f"{p}.ln_2")
-        linear(f"{p}.mlp.c_fc", h, 4 * h)
-        linear(f"{p}.mlp.c_proj", 4 * h, h)
+        if m.mlp == "swiglu":
+            linear(f"{p}.mlp.gate_proj", h, hidden)
+            linear(f"{p}.mlp.up_proj", h, hidden)
+        else:
+            linear(f"{p}.mlp.c_fc", h, hidden)
+        linear(f"{p}.mlp.c_proj", hidden, h)
     norm("transformer.ln_f")
     return shapes
 
@@ -258,7 +268,7 @@ def plan(cfg: Config, world_size: int = 1, micro_batch: int | None = None, gpu: 
 
     shapes = param_shapes(m)
     n_params = sum(math.prod(shape) for _, shape in shapes)
-    embedding = (m.vocab_size + m.block_size) * m.n_embd
+    embedding = (m.vocab_size + (m.block_size if m.position == "learned" else 0)) * m.n_embd
     attention_flops = 12 * m.n_layer * m.n_embd * m.block_size
     flops_per_token = 6 * n_params + attention_flops
 

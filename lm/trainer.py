@@ -77,6 +77,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
         self.model = build_model(cfg, self.world, self.device)
+        if cfg.data.document_mask:  # packed documents stay apart, in training and in validation
+            self.model.document_eos = int(train_reader.meta["eos_id"])
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
         self.stability = Stability(cfg.stability, fp16=self.dtype == "float16")
