@@ -1,5 +1,6 @@
-"""Our GPT <-> the Hugging Face GPT-2 format (`GPT2LMHeadModel`), which transformers, lm-eval-harness and
-vLLM read. The parameter names already match; HF's `Conv1D` stores matmul weights as (in, out), so those
+"""Our GPT <-> Hugging Face directories, which transformers, lm-eval-harness and vLLM read: GPT-2's block as
+`GPT2LMHeadModel`, Llama's (RMSNorm, RoPE, SwiGLU, any n_kv_head; lm/hf_llama.py) as `LlamaForCausalLM`.
+For GPT-2 the parameter names already match; HF's `Conv1D` stores matmul weights as (in, out), so those
 are transposed, and HF GPT-2 always has biases, so a bias-free model exports zeros.
 """
 from __future__ import annotations
@@ -9,13 +10,29 @@ from pathlib import Path
 
 import torch
 
+from lm import hf_llama
 from lm.checkpoint import CheckpointError
-from lm.config import ModelConfig
+from lm.config import ModelConfig, mlp_hidden_size
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # ours -> HF's activation_function
 
 
+def family(cfg: ModelConfig) -> str:
+    """"gpt2" or "llama": the HF format that represents this block exactly; else a one-line refusal."""
+    gpt2 = dict(norm="layernorm", position="learned", mlp="gelu", qk_norm=False)
+    if all(getattr(cfg, k) == v for k, v in gpt2.items()) and (cfg.n_kv_head or cfg.n_head) == cfg.n_head \
+            and mlp_hidden_size(cfg) == 4 * cfg.n_embd:
+        return "gpt2"
+    if all(getattr(cfg, k) == v for k, v in hf_llama.LLAMA_BLOCK.items()):
+        return "llama"
+    options = ", ".join(f"model.{k} = {getattr(cfg, k)!r}" for k in ("norm", "position", "mlp", "qk_norm"))
+    raise CheckpointError(f"{options}: no Hugging Face format holds this block; GPT-2's takes layernorm, learned, "
+                          "gelu; Llama's rmsnorm, rope, swiglu; neither qk_norm (export --format safetensors instead)")
+
+
 def hf_config(cfg: ModelConfig, eos_id: int) -> dict:
+    if family(cfg) == "llama":
+        return hf_llama.llama_config(cfg, eos_id)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -35,6 +52,8 @@ def _is_conv1d(model: torch.nn.Module, key: str) -> bool:
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """HF tensors (contiguous, head omitted: it is tied) from our model."""
+    if family(model.cfg) == "llama":
+        return _to_llama_state(model)
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
@@ -46,15 +65,38 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
+def _to_llama_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    cfg, state = model.cfg, {}
+    kv = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        names = hf_llama.hf_name(key)
+        if isinstance(names, list):  # c_attn: q, k, v stacked by rows
+            for name, part in zip(names, value.split([cfg.n_embd, kv, kv], dim=0)):
+                state[name] = part
+        else:
+            state[names] = value
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
-    """Our model shape from a HF GPT-2 `config.json`, refusing what our architecture cannot represent."""
+    """Our model shape from a HF GPT-2 or Llama `config.json`, refusing what our architecture cannot represent."""
     path = directory / "config.json"
     try:
         hf = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; hf:{directory} is not a Hugging Face model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from None
+    if hf.get("model_type") == "llama":
+        try:
+            return hf_llama.read_llama_config(hf, str(path))
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing {e}") from None
     if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}; only 'gpt2' maps onto our GPT")
+        raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}; only 'gpt2' and 'llama' map onto "
+                              "our GPT")
     act = {v: k for k, v in ACTIVATIONS.items()}.get(hf.get("activation_function", "gelu_new"))
     if act is None:
         raise CheckpointError(f"{path}: activation_function {hf['activation_function']!r} is not gelu or gelu_new")
@@ -70,17 +112,22 @@ def read_hf_config(directory: Path) -> ModelConfig:
                        n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True, activation=act)
 
 
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "position", "mlp", "qk_norm")
+
+
 def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):
-    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "activation"):
-        a, b = getattr(hf, key), getattr(ours, key)
+    resolved = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size}
+    keys = SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias"))
+    for key in keys + tuple(resolved):
+        a, b = (resolved[key](m) if key in resolved else getattr(m, key) for m in (hf, ours))
         if a != b:
             raise CheckpointError(f"hf:{directory}/config.json gives model.{key} = {a!r}, the config asks for {b!r}")
-    if not ours.bias:
+    if hf.mlp == "gelu" and not ours.bias:
         raise CheckpointError(f"hf:{directory}: GPT-2 weights have biases; set model.bias = true")
 
 
 def load_hf_weights(directory: Path, model: torch.nn.Module):
-    """Copy a HF GPT-2 `model.safetensors` into our model (shapes checked tensor by tensor)."""
+    """Copy a HF GPT-2 or Llama `model.safetensors` into our model (shapes checked tensor by tensor)."""
     from safetensors.torch import load_file
 
     from lm.parallel import shard_like
@@ -88,15 +135,21 @@ def load_hf_weights(directory: Path, model: torch.nn.Module):
     path = directory / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (only safetensors weights are read, never pickles)")
-    hf = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
-    ours = model.state_dict()
-    for key, target in ours.items():
+    llama = family(model.cfg) == "llama"
+    hf = load_file(str(path))
+    if not llama:
+        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    for key, target in model.state_dict().items():
         if key == "lm_head.weight":
             continue
-        src = hf.get(key.removeprefix("transformer."))
-        if src is None:
-            raise CheckpointError(f"{path}: has no tensor '{key}'")
-        src = src.t() if _is_conv1d(model, key) else src
+        names = hf_llama.hf_name(key) if llama else key.removeprefix("transformer.")
+        missing = [n for n in ([names] if isinstance(names, str) else names) if n not in hf]
+        if missing:
+            raise CheckpointError(f"{path}: has no tensor '{missing[0]}' (for our '{key}')")
+        if isinstance(names, list):  # Llama's q, k, v: stacked into our c_attn
+            src = torch.cat([hf[n] for n in names], dim=0)
+        else:
+            src = hf[names].t() if not llama and _is_conv1d(model, key) else hf[names]
         if src.shape != target.shape:
             raise CheckpointError(f"{path}: '{key}' has shape {tuple(src.shape)}, the model expects "
                                   f"{tuple(target.shape)}")
