@@ -1,6 +1,8 @@
 """Block options beyond GPT-2's: RMSNorm, RoPE, SwiGLU, grouped-query attention, query/key norm, no biases,
 and document-masked packing."""
 import dataclasses
+import json
+import math
 
 import pytest
 import torch
@@ -206,3 +208,21 @@ def test_a_checkpoint_of_another_block_is_refused_by_name(tmp_path):
         check_shape(tmp_path, saved, current)
     current.model = dataclasses.replace(saved.model, n_kv_head=saved.model.n_head)  # 0 and n_head: the same
     check_shape(tmp_path, saved, current)
+
+
+def test_training_with_document_mask_and_llama_blocks(tiny_corpus, tmp_path):
+    from data_prep import prepare
+    from lm.trainer import Trainer
+
+    prepare([str(tiny_corpus)], tmp_path / "data", tokenizer="char", show_progress=False)
+    cfg = load_config(None, ["model.n_layer=1", "model.n_head=4", "model.n_embd=32", "model.block_size=64",
+                             "model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu", "model.n_kv_head=1",
+                             "data.document_mask=true", f"data.dir={tmp_path / 'data'}", "train.batch_size=4",
+                             f"train.out_dir={tmp_path / 'run'}", "train.max_steps=4", "train.eval_interval=4",
+                             "train.eval_sequences=4", "log.progress=false", "train.device=cpu"])
+    trainer = Trainer(cfg)
+    eos = trainer.model.document_eos
+    assert eos == int(json.loads((tmp_path / "data" / "meta.json").read_text())["eos_id"])
+    result = trainer.run()
+    trainer.close()
+    assert math.isfinite(result["val_loss"]) and result["step"] == 4

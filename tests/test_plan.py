@@ -18,7 +18,8 @@ from lm.model import GPT
 from lm.parallel import shard
 from lm.plan import param_shapes, parse_memory, plan, shard_numel
 
-PRESETS = {"gpt-1.3b": 1_315_276_800, "gpt-6.7b": 6_657_150_976, "gpt-10b": 10_433_769_984}
+PRESETS = {"gpt-1.3b": 1_315_276_800, "gpt-6.7b": 6_657_150_976, "gpt-10b": 10_433_769_984,
+           "llama-style-1b": 1_235_814_400}  # Llama 3.2 1B's count
 SMALL_UNEVEN = ["model.vocab_size=65", "model.block_size=24", "model.n_layer=2", "model.n_head=3",
                 "model.n_embd=48", "train.dtype=float32"]
 
