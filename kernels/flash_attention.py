@@ -1,13 +1,24 @@
-"""Fused flash attention in Triton: forward, backward and attention dropout, any sequence length.
+"""Fused flash attention in Triton: forward, backward and attention dropout, any sequence length,
+grouped K/V heads and document-masked packing.
 
 Forward: one program per (query block, batch*head); online softmax in fp32 with exp2 and
 sm_scale*log2(e); the log-sum-exp (log2 units, fp32) is saved for backward. Backward: a preprocess
 kernel computes delta = rowsum(O * dO), then one kernel accumulates dK/dV per key block (looping
 over query blocks) and another dQ per query block (looping over key blocks), so there are no atomics.
 
-Every key (query) loop runs in two kinds of stage: blocks that need no masking, and the blocks that
-touch the causal diagonal or the ragged end of the sequence, which are masked. Dropout keeps an
-element when tl.rand(seed, ((b*H + h)*T + i)*T + j) >= p, so backward regenerates the same mask.
+Grouped-query attention: q has H heads, k and v have Hkv (H % Hkv == 0); query head h reads kv head
+h // (H // Hkv) by pointer arithmetic, so K/V are never repeated in memory. A dK/dV program owns one
+kv head's key block and loops over its group's query heads, so the group's sum forms in registers.
+
+Document masking: with `segments` (B, T) int32, non-decreasing along T, query i sees key j only when
+segments[i] == segments[j] (and j <= i when causal). The host turns segments into each position's
+document start and end; a program visits only the blocks from the start of its first row's document
+to the end of its last row's, so blocks holding only other documents are never loaded. Blocks in that
+range are masked element by element.
+
+Every key (query) loop runs in two kinds of stage: blocks that need no bounds/causal mask, and the
+blocks that touch the causal diagonal or the ragged end of the sequence. Dropout keeps an element
+when tl.rand(seed, ((b*H + h)*T + i)*T + j) >= p, h the query head, so backward regenerates the mask.
 """
 from __future__ import annotations
 
@@ -49,21 +60,21 @@ _DQ_CONFIGS = configs([
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
 ], _INTERP_BLOCKS)
-_KEY = ["T", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+_KEY = ["T", "HEAD_DIM", "GROUP", "CAUSAL", "SEGMENTED", "DROPOUT"]
 
 
 @triton.jit
 def _keep(seed, bh, T, rows, cols, dropout_p):
-    """Dropout keep-mask for score elements (rows, cols) of head bh: a unique index per element."""
+    """Dropout keep-mask for score elements (rows, cols) of query head bh: a unique index per element."""
     idx = (bh.to(tl.int64) * T + rows) * T + cols
     return tl.rand(seed, idx) >= dropout_p
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_t, bh, seed, offs_m, lo, hi, T, qk_scale, dropout_p,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, stride_t, bh, seed, offs_m, lo, hi, T, qk_scale,
+               dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
+               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -83,9 +94,18 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_t, bh, seed, offs_m, lo, hi, T, qk
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(valid, s, float("-inf"))
+        if SEGMENTED:
+            seg_k = tl.load(SEG + offs_n, mask=offs_n < T, other=-2)
+            s = tl.where(seg_k[None, :] == seg_q[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if SEGMENTED:
+            # A row whose document starts after this block has seen no key yet (m_new = -inf):
+            # subtract 0 instead, so its p and alpha are 0 rather than exp2(-inf + inf) = NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped elements too
         if DROPOUT:
             p = tl.where(_keep(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
@@ -96,36 +116,55 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_t, bh, seed, offs_m, lo, hi, T, qk
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=["seed"])
-def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, qk_scale, dropout_p, seed,
-              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_fwd(Q, K, V, O, LSE, SEG, DocStart, DocEnd, stride_qb, stride_qh, stride_qt,
+              stride_kb, stride_kh, stride_kt, H, GROUP, T, qk_scale, dropout_p, seed,
+              CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    in_off = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    Q += in_off
-    K += in_off
-    V += in_off
+    b = bh // H
+    h = bh % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    kv_off = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh  # the group's kv head
+    K += kv_off
+    V += kv_off
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        diag_lo = start_m * BLOCK_M
-        hi = tl.minimum(diag_lo + BLOCK_M, T)
+    # Key blocks [lo, mid) need no bounds/causal mask, [mid, hi) do. With segments, blocks before the
+    # first row's document (and, non-causal, after the last row's) hold only other documents: skipped.
+    first = start_m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, T) - 1
+    if SEGMENTED:
+        seg_off = b.to(tl.int64) * T
+        SEG += seg_off
+        # Rows past T (never stored) take the last row's document, so no row is fully masked.
+        seg_q = tl.load(SEG + tl.minimum(offs_m, T - 1))
+        lo = tl.load(DocStart + seg_off + first) // BLOCK_N * BLOCK_N
     else:
-        diag_lo = T // BLOCK_N * BLOCK_N
-        hi = T
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_t, bh, seed, offs_m, 0, diag_lo, T,
-                               qk_scale, dropout_p, False, CAUSAL, DROPOUT, UPCAST, PRECISION,
-                               HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_t, bh, seed, offs_m, diag_lo, hi, T,
-                               qk_scale, dropout_p, True, CAUSAL, DROPOUT, UPCAST, PRECISION,
-                               HEAD_DIM, BLOCK_N)
+        seg_q = offs_m  # unused
+        lo = 0
+    if CAUSAL:
+        mid = first
+        hi = last + 1
+    else:
+        if SEGMENTED:
+            hi = tl.load(DocEnd + seg_off + last)
+        else:
+            hi = T
+        mid = hi // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, stride_kt, bh, seed, offs_m, lo, mid,
+                               T, qk_scale, dropout_p, False, CAUSAL, SEGMENTED, DROPOUT, UPCAST,
+                               PRECISION, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, stride_kt, bh, seed, offs_m, mid, hi,
+                               T, qk_scale, dropout_p, True, CAUSAL, SEGMENTED, DROPOUT, UPCAST,
+                               PRECISION, HEAD_DIM, BLOCK_N)
     o = acc / l_i[:, None]
     if DROPOUT:
         o = o / (1.0 - dropout_p)
@@ -153,15 +192,15 @@ def _attn_bwd_delta(O, DO, Delta, stride_b, stride_h, stride_t, H, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, offs_n, lo, hi, T,
-                qk_scale, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qt, stride_dt, bh, seed, offs_n,
+                lo, hi, T, qk_scale, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # Works on transposed scores (keys x queries) so the dK/dV products need no transposes.
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptr = Q + offs_m[:, None] * stride_t + offs_d[None, :]
+        q_ptr = Q + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptr = DO + offs_m[:, None] * stride_dt + offs_d[None, :]
         if MASKED:
             rows = offs_m < T
@@ -183,6 +222,9 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, 
             if CAUSAL:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(valid, p_t, 0.0)
+        if SEGMENTED:
+            seg_q = tl.load(SEG + offs_m, mask=offs_m < T, other=-1)
+            p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep(seed, bh, T, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -199,55 +241,79 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, stride_b, stride_h, stride_t,
-                   stride_db, stride_dh, stride_dt, H, T, sm_scale, qk_scale, dropout_p, seed,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, SEG, DocStart, DocEnd,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_db, stride_dh, stride_dt, H, GROUP, T, sm_scale, qk_scale, dropout_p, seed,
+                   CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (key block, batch * kv head); it loops over the GROUP query heads that share
+    # this kv head, so their dK/dV contributions sum in registers (no atomics, no per-head copies).
     start_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    in_off = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    Q += in_off
-    K += in_off
-    V += in_off
-    DO += (bh // H).to(tl.int64) * stride_db + (bh % H).to(tl.int64) * stride_dh
-    LSE += bh.to(tl.int64) * T
-    Delta += bh.to(tl.int64) * T
+    bkv = tl.program_id(1)
+    kv_heads = H // GROUP
+    b = bkv // kv_heads
+    kv_head = bkv % kv_heads
+    kv_off = b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n[:, None] < T
-    k = tl.load(K + offs_n[:, None] * stride_t + offs_d[None, :], mask=cols, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_t + offs_d[None, :], mask=cols, other=0.0)
+    k = tl.load(K + kv_off + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
+    v = tl.load(V + kv_off + offs_n[:, None] * stride_kt + offs_d[None, :], mask=cols, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    # Query blocks: causal [first, diag_end) cross the diagonal (masked), then [diag_end, hi_floor)
+    # need no bounds/causal mask, then the ragged tail up to hi. With segments, queries of other
+    # documents (before this block's first key's document, after its last key's) are skipped.
+    first = start_n * BLOCK_N
+    last = tl.minimum(first + BLOCK_N, T) - 1
+    if SEGMENTED:
+        seg_off = b.to(tl.int64) * T
+        SEG += seg_off
+        seg_k = tl.load(SEG + offs_n, mask=offs_n < T, other=-2)
+        lo = tl.load(DocStart + seg_off + first) // BLOCK_M * BLOCK_M
+        hi = tl.load(DocEnd + seg_off + last)
+    else:
+        seg_k = offs_n  # unused
+        lo = 0
+        hi = T
+    hi_floor = hi // BLOCK_M * BLOCK_M
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    t_floor = T // BLOCK_M * BLOCK_M
-    if CAUSAL:
-        # Queries before this key block see none of it; the next BLOCK_N queries cross the diagonal.
-        diag_end = start_n * BLOCK_N + BLOCK_N
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, offs_n,
-                             start_n * BLOCK_N, tl.minimum(diag_end, T), T, qk_scale, dropout_p,
-                             True, CAUSAL, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
-    else:
-        diag_end = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, offs_n,
-                         diag_end, t_floor, T, qk_scale, dropout_p,
-                         False, CAUSAL, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_t, stride_dt, bh, seed, offs_n,
-                         tl.maximum(diag_end, t_floor), T, T, qk_scale, dropout_p,
-                         True, CAUSAL, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
-    out = (bh.to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        bh = b * H + h
+        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+        LSEh = LSE + bh.to(tl.int64) * T
+        Deltah = Delta + bh.to(tl.int64) * T
+        if CAUSAL:
+            diag_end = first + BLOCK_N
+            dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
+                                 bh, seed, offs_n, first, tl.minimum(diag_end, hi), T, qk_scale,
+                                 dropout_p, True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION,
+                                 HEAD_DIM, BLOCK_M)
+            tail = tl.maximum(diag_end, hi_floor)
+        else:
+            diag_end = lo
+            tail = hi_floor  # lo <= hi_floor: both round down, and lo's document starts before hi
+        dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
+                             bh, seed, offs_n, diag_end, hi_floor, T, qk_scale, dropout_p,
+                             False, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
+                             bh, seed, offs_n, tail, hi, T, qk_scale, dropout_p,
+                             True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
+    out = (bkv.to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, stride_t, bh, seed, offs_m, lo, hi, T, qk_scale, dropout_p,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, seg_q, K, V, SEG, stride_t, bh, seed, offs_m, lo, hi, T, qk_scale,
+              dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
+              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -267,6 +333,9 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_t, bh, seed, offs_m, lo, hi, T
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(valid, p, 0.0)
+        if SEGMENTED:
+            seg_k = tl.load(SEG + offs_n, mask=offs_n < T, other=-2)
+            p = tl.where(seg_k[None, :] == seg_q[:, None], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -278,21 +347,25 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_t, bh, seed, offs_m, lo, hi, T
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, stride_b, stride_h, stride_t,
-                 stride_db, stride_dh, stride_dt, H, T, sm_scale, qk_scale, dropout_p, seed,
-                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, SEG, DocStart, DocEnd,
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                 stride_db, stride_dh, stride_dt, H, GROUP, T, sm_scale, qk_scale, dropout_p, seed,
+                 CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    in_off = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-    K += in_off
-    V += in_off
+    b = bh // H
+    h = bh % H
+    kv_off = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    K += kv_off
+    V += kv_off
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < T
-    q = tl.load(Q + in_off + offs_m[:, None] * stride_t + offs_d[None, :], mask=rows[:, None], other=0.0)
-    do_off = (bh // H).to(tl.int64) * stride_db + (bh % H).to(tl.int64) * stride_dh
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + q_off + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do_off = b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
     do = tl.load(DO + do_off + offs_m[:, None] * stride_dt + offs_d[None, :], mask=rows[:, None],
                  other=0.0)
     if UPCAST:
@@ -301,16 +374,32 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, stride_b, stride_h, stride_t,
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        diag_lo = start_m * BLOCK_M
-        hi = tl.minimum(diag_lo + BLOCK_M, T)
+    # The same key blocks as the forward pass visits (see _attn_fwd).
+    first = start_m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, T) - 1
+    if SEGMENTED:
+        seg_off = b.to(tl.int64) * T
+        SEG += seg_off
+        seg_q = tl.load(SEG + tl.minimum(offs_m, T - 1))  # rows past T: as in _attn_fwd
+        lo = tl.load(DocStart + seg_off + first) // BLOCK_N * BLOCK_N
     else:
-        diag_lo = T // BLOCK_N * BLOCK_N
-        hi = T
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_t, bh, seed, offs_m, 0, diag_lo, T, qk_scale,
-                   dropout_p, False, CAUSAL, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_t, bh, seed, offs_m, diag_lo, hi, T, qk_scale,
-                   dropout_p, True, CAUSAL, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_N)
+        seg_q = offs_m  # unused
+        lo = 0
+    if CAUSAL:
+        mid = first
+        hi = last + 1
+    else:
+        if SEGMENTED:
+            hi = tl.load(DocEnd + seg_off + last)
+        else:
+            hi = T
+        mid = hi // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse, delta, seg_q, K, V, SEG, stride_kt, bh, seed, offs_m, lo, mid, T,
+                   qk_scale, dropout_p, False, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION,
+                   HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, seg_q, K, V, SEG, stride_kt, bh, seed, offs_m, mid, hi, T,
+                   qk_scale, dropout_p, True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION,
+                   HEAD_DIM, BLOCK_N)
     out = (bh.to(tl.int64) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
@@ -350,63 +439,126 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
 
 
+def _document_bounds(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position of non-decreasing (B, T) segments: the first index of its document and one
+    past its last, as contiguous (B, T) int32 tensors. The kernels' block skipping reads these."""
+    B, T = segments.shape
+    pos = torch.arange(T, dtype=torch.int32, device=segments.device).expand(B, T)
+    starts = torch.ones(B, T, dtype=torch.bool, device=segments.device)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    doc_start = torch.where(starts, pos, 0).cummax(1).values
+    doc_end = torch.where(ends, pos + 1, T).flip(1).cummin(1).values.flip(1)
+    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
+
+
+def _strides(q, k, do=None):
+    """Strides the kernels take: q's, k's (v shares them), and dO's when given."""
+    strides = [*q.stride()[:3], *k.stride()[:3]]
+    if do is not None:
+        strides += do.stride()[:3]
+    return strides
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, sm_scale, seed):
-        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    def forward(ctx, q, k, v, segments, causal, dropout_p, sm_scale, seed):
+        q = _strided(q)
+        if not (k.stride() == v.stride() and k.stride(-1) == 1):  # k and v share one set of strides
+            k, v = k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
+        group = H // k.size(1)
         o = _empty(B, H, T, D, dtype=q.dtype, device=q.device)
         lse = _empty(B, H, T, dtype=torch.float32, device=q.device)
+        if segments is None:
+            seg = doc_start = doc_end = lse  # never read: SEGMENTED=False
+        else:
+            seg = segments.contiguous()
+            doc_start, doc_end = _document_bounds(seg)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), H, T,
-                        sm_scale * LOG2E, dropout_p, seed, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                        UPCAST=INTERPRET, PRECISION=_precision(q.dtype), HEAD_DIM=D)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.dropout_p, ctx.sm_scale, ctx.seed = causal, dropout_p, sm_scale, seed
+        _attn_fwd[grid](q, k, v, o, lse, seg, doc_start, doc_end, *_strides(q, k), H, group, T,
+                        sm_scale * LOG2E, dropout_p, seed, CAUSAL=causal, SEGMENTED=segments is not None,
+                        DROPOUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=_precision(q.dtype), HEAD_DIM=D)
+        ctx.save_for_backward(q, k, v, o, lse, seg, doc_start, doc_end)
+        ctx.causal, ctx.segmented = causal, segments is not None
+        ctx.dropout_p, ctx.sm_scale, ctx.seed = dropout_p, sm_scale, seed
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, seg, doc_start, doc_end = ctx.saved_tensors
         do = _strided(do)
         B, H, T, D = q.shape
+        kv_heads = k.size(1)
         delta = _empty(B, H, T, dtype=torch.float32, device=q.device)
         _attn_bwd_delta[(triton.cdiv(T, 64), B * H)](
             o, do, delta, do.stride(0), do.stride(1), do.stride(2), H, T, HEAD_DIM=D, BLOCK_M=64)
-        dq, dk, dv = (_empty(B, H, T, D, dtype=q.dtype, device=q.device) for _ in range(3))
-        args = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2), H, T,
+        dq = _empty(B, H, T, D, dtype=q.dtype, device=q.device)
+        dk, dv = (_empty(B, kv_heads, T, D, dtype=k.dtype, device=k.device) for _ in range(2))
+        args = (seg, doc_start, doc_end, *_strides(q, k, do), H, H // kv_heads, T,
                 ctx.sm_scale, ctx.sm_scale * LOG2E, ctx.dropout_p, ctx.seed)
-        meta = dict(CAUSAL=ctx.causal, DROPOUT=ctx.dropout_p > 0, UPCAST=INTERPRET,
-                    PRECISION=_precision(q.dtype), HEAD_DIM=D)
-        _attn_bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
+        meta = dict(CAUSAL=ctx.causal, SEGMENTED=ctx.segmented, DROPOUT=ctx.dropout_p > 0,
+                    UPCAST=INTERPRET, PRECISION=_precision(q.dtype), HEAD_DIM=D)
+        _attn_bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * kv_heads)](
             q, k, v, do, lse, delta, dk, dv, *args, **meta)
         _attn_bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, *args, **meta)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_shapes(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be (B, H, T, D) and k, v one (B, Hkv, T, D) shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if k.size(0) != B or k.shape[2:] != (T, D):
+        raise ValueError(f"k, v shape {tuple(k.shape)} must match q's batch, length and head dimension: "
+                         f"({B}, Hkv, {T}, {D})")
+    if k.size(1) == 0 or H % k.size(1):
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({k.size(1)})")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dimension must be a power of two in {HEAD_DIMS}, got {D}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among {DTYPES}")
+
+
+def _check_segments(segments, q) -> None:
+    B, _, T, _ = q.shape
+    if not isinstance(segments, torch.Tensor) or segments.shape != (B, T):
+        got = tuple(segments.shape) if isinstance(segments, torch.Tensor) else type(segments).__name__
+        raise ValueError(f"segments must be a (B, T) = ({B}, {T}) tensor of document ids, got {got}")
+    if segments.dtype != torch.int32:
+        raise ValueError(f"segments must be int32, got {segments.dtype}")
+    if segments.device != q.device:
+        raise ValueError(f"segments must be on q's device ({q.device}), got {segments.device}")
+    # Block skipping assumes each document is one contiguous run. (This check syncs with the device.)
+    if T > 1 and bool((segments[:, 1:] < segments[:, :-1]).any()):
+        raise ValueError("segments must be non-decreasing along T (each document one contiguous run)")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     dropout_p: float = 0.0, softmax_scale: float | None = None,
-                    seed: int | None = None) -> torch.Tensor:
-    """Attention of (B, H, T, D) queries over keys/values of the same shape; returns (B, H, T, D).
+                    seed: int | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values; returns (B, H, T, D).
 
-    D must be a power of two in 16..256; fp32/fp16/bf16. With dropout_p > 0 and no seed, the seed is
-    drawn from torch's CPU generator, so dropout follows torch.manual_seed.
+    H % Hkv == 0: query head h uses kv head h // (H // Hkv) (Hkv == H is plain multi-head attention,
+    Hkv == 1 multi-query). `segments`, an int32 (B, T) tensor of document ids non-decreasing along T,
+    restricts each query to keys of its own document (packed sequences). D must be a power of two in
+    16..256; fp32/fp16/bf16. With dropout_p > 0 and no seed, the seed is drawn from torch's CPU
+    generator, so dropout follows torch.manual_seed; dropout_keep_mask(seed, B, H, T, p, device) gives
+    the mask used.
     """
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, H, T, D) shape; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.size(-1) not in HEAD_DIMS:
-        raise ValueError(f"head dimension must be a power of two in {HEAD_DIMS}, got {q.size(-1)}")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype among {DTYPES}")
+    _check_shapes(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if segments is not None:
+        _check_segments(segments, q)
+        check_device(segments)
     check_device(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.size(-1))
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return _FlashAttention.apply(q, k, v, causal, float(dropout_p), float(softmax_scale),
+    return _FlashAttention.apply(q, k, v, segments, causal, float(dropout_p), float(softmax_scale),
                                  int(seed or 0))

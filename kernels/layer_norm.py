@@ -1,6 +1,8 @@
-"""Fused LayerNorm in Triton: fp32 statistics, one row per program, deterministic dW/dB.
+"""Fused LayerNorm and RMSNorm in Triton: fp32 statistics, one row per program, deterministic dW/dB.
 
-Forward keeps mean and rstd in fp32 for backward. Backward computes dx in the same pass and writes
+One pair of kernels serves both norms: IS_RMS (a compile-time flag) drops the mean subtraction and
+the bias, y = x * rsqrt(mean(x^2) + eps) * w. Forward keeps mean (LayerNorm only) and rstd in fp32
+for backward. Backward computes dx in the same pass and writes
 per-program fp32 partial sums of dW/dB (each program owns a contiguous group of rows), which torch
 reduces with `.sum(0)`: no atomics, so gradients are bit-identical run to run.
 """
@@ -16,25 +18,29 @@ MAX_N = 16384  # one row must fit in one program's registers
 
 
 @triton.jit
-def _ln_fwd(X, Y, W, B, Mean, Rstd, N, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _ln_fwd(X, Y, W, B, Mean, Rstd, N, eps, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+            BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
+    if IS_RMS:
+        xc = x  # masked columns loaded as 0, so they add nothing to the sum of squares
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(Mean + row, mean)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
     y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
 @triton.jit
 def _ln_bwd(X, DY, DX, W, Mean, Rstd, DW, DB, M, N, rows_per_program,
-            HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+            HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -49,14 +55,19 @@ def _ln_bwd(X, DY, DX, W, Mean, Rstd, DW, DB, M, N, rows_per_program,
     for row in range(start, end):
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        if IS_RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
         wdy = w * dy
-        # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat))
+        # LayerNorm: dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); RMSNorm has no mean
+        # to differentiate through, so the mean(w*dy) term drops out.
         c1 = tl.sum(wdy * xhat, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        if IS_RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            dx = (wdy - (xhat * c1 + tl.sum(wdy, axis=0) / N)) * rstd
         tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         if HAS_BIAS:
@@ -80,24 +91,29 @@ def _num_partials(x: torch.Tensor, rows: int) -> int:
     return max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
 
 
-class _LayerNorm(torch.autograd.Function):
+class _Norm(torch.autograd.Function):
+    """LayerNorm (rms=False, optional bias) or RMSNorm (rms=True, no bias) over the last dimension."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, rms):
         N = x.shape[-1]
         if N > MAX_N:
-            raise ValueError(f"layer_norm supports hidden sizes up to {MAX_N}, got {N}")
+            raise ValueError(f"{'rms' if rms else 'layer'}_norm supports hidden sizes up to {MAX_N}, got {N}")
+        if weight.shape != (N,):
+            raise ValueError(f"weight must have shape ({N},), got {tuple(weight.shape)}")
         check_device(x, weight)
         x2 = x.reshape(-1, N).contiguous()
         M = x2.shape[0]
         y = torch.empty_like(x2)
-        mean = torch.empty(M, dtype=torch.float32, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        # RMSNorm keeps no mean: rstd stands in for the pointer, as weight does for a missing bias.
+        mean = rstd if rms else torch.empty(M, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(N)
         if M > 0:
             _ln_fwd[(M,)](x2, y, weight, bias if bias is not None else weight, mean, rstd, N, eps,
-                          HAS_BIAS=bias is not None, BLOCK=block, num_warps=_num_warps(block))
+                          HAS_BIAS=bias is not None, IS_RMS=rms, BLOCK=block, num_warps=_num_warps(block))
         ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.has_bias, ctx.shape = bias is not None, x.shape
+        ctx.has_bias, ctx.rms, ctx.shape = bias is not None, rms, x.shape
         return y.view(x.shape)
 
     @staticmethod
@@ -114,14 +130,21 @@ class _LayerNorm(torch.autograd.Function):
         block = triton.next_power_of_2(N)
         if M > 0:
             _ln_bwd[(groups,)](x2, dy2, dx, weight, mean, rstd, dw, db, M, N, rows_per_program,
-                               HAS_BIAS=ctx.has_bias, BLOCK=block, num_warps=_num_warps(block))
+                               HAS_BIAS=ctx.has_bias, IS_RMS=ctx.rms, BLOCK=block,
+                               num_warps=_num_warps(block))
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), dbias, None
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), dbias, None, None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5):
     """LayerNorm over the last dimension of x (hidden size up to 16384); fp32/fp16/bf16."""
-    return _LayerNorm.apply(x, weight, bias, eps)
+    return _Norm.apply(x, weight, bias, eps, False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
+    """RMSNorm over the last dimension of x: x * rsqrt(mean(x^2) + eps) * weight (hidden size up to
+    16384); fp32/fp16/bf16."""
+    return _Norm.apply(x, weight, None, eps, True)
 
 
 class TritonLayerNorm(torch.nn.LayerNorm):
@@ -134,3 +157,20 @@ class TritonLayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class TritonRMSNorm(torch.nn.Module):
+    """RMSNorm with the fused kernel. Its one parameter, `weight` (init ones), matches
+    torch.nn.RMSNorm(n, eps=1e-5), so state_dicts interchange."""
+
+    def __init__(self, n: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (n,)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(n, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
