@@ -226,3 +226,19 @@ def test_training_with_document_mask_and_llama_blocks(tiny_corpus, tmp_path):
     result = trainer.run()
     trainer.close()
     assert math.isfinite(result["val_loss"]) and result["step"] == 4
+
+
+def test_blocks_bench_smoke(cli, tmp_path):
+    from conftest import ROOT
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    out = tmp_path / "blocks.json"
+    r = cli("bench/blocks.py", text, "--smoke", "--only", "gpt2,llama", "--steps-char", "2", "--steps-code", "2",
+            "--out", out, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    for corpus in ("shakespeare_char", "quickstart"):
+        gpt2, llama = results[corpus]["gpt2"], results[corpus]["llama"]
+        assert abs(gpt2["params"] - llama["params"]) <= 3 * 32  # equal to within one MLP column
+        assert math.isfinite(llama["val_loss"]) and llama["tokens_per_s"] > 0
