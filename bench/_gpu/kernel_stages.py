@@ -96,6 +96,14 @@ ATTN_CASES = [
     (torch.float32, 64, True, 0.3),
 ]
 AUTOTUNED_CASES = [(torch.bfloat16, 64, True, 0.0), (torch.bfloat16, 128, True, 0.0)]
+# The modern options: dtype, head dim, causal, dropout p, kv heads of GQA_HEADS query heads,
+# documents packed per row (0: no segments). Pinned to configs after ATTN_CASES' in each list.
+GQA_HEADS = 8
+MODERN_ATTN_CASES = [
+    (torch.bfloat16, 128, True, 0.0, 2, 0),  # grouped-query attention
+    (torch.bfloat16, 64, True, 0.0, 2, 5),  # grouped + document-masked packing
+    (torch.float32, 64, False, 0.3, 8, 3),  # documents, not causal, dropout
+]
 LN_CASES_N = (768, 1000, 8192)
 
 # Tolerances on max|ours - fp64| / max|fp64| (out; the worst of dq, dk, dv or dx, dw, db for grads).
@@ -115,16 +123,52 @@ def _worst(pairs):
     return max(pairs, key=lambda p: p[1]) if pairs else (float("nan"), float("nan"))
 
 
-def reference_attention(q, k, v, causal, keep=None, p=0.0):
-    """softmax(QKᵀ/sqrt(D) + causal mask) [* keep / (1-p)] @ V in the inputs' dtype (fp64 here)."""
-    T = q.size(-2)
+def reference_attention(q, k, v, causal, keep=None, p=0.0, segments=None):
+    """softmax(QKᵀ/sqrt(D) + mask) [* keep / (1-p)] @ V in the inputs' dtype (fp64 here); each query
+    head uses its group's kv head, and sees only keys of its own document (segments)."""
+    k, v = _repeat_kv(q, k, v)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    if causal:
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    allowed = _allowed(q.size(-2), causal, segments, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
     a = s.softmax(-1)
     if keep is not None:
         a = a * keep / (1 - p)
     return a @ v
+
+
+def _repeat_kv(q, k, v):
+    """K/V with each kv head repeated for the query heads of its group (references only)."""
+    group = q.size(1) // k.size(1)
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+
+def _allowed(T, causal, segments, device):
+    """Boolean (B|1, 1, T, T) mask of the keys each query may see, or None for all of them."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() if causal else None
+    if segments is not None:
+        same = segments[:, None, :, None] == segments[:, None, None, :]
+        allowed = same if allowed is None else same & allowed
+    return allowed
+
+
+def document_ids(B, T, docs, seed):
+    """(B, T) int32 segments: each row cut at docs - 1 distinct random points into contiguous documents."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        starts = torch.zeros(T, dtype=torch.int32)
+        starts[torch.randperm(T - 1, generator=g)[:docs - 1] + 1] = 1
+        rows.append(starts.cumsum(0, dtype=torch.int32))
+    return torch.stack(rows)
+
+
+def torch_attention(q, k, v, causal, segments=None):
+    """PyTorch's SDPA on the same problem (K/V repeated, the document mask as attn_mask)."""
+    if k.size(1) == q.size(1) and segments is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    k, v = _repeat_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.size(-2), causal, segments, q.device))
 
 
 def nan_padded(x, pad=7):
@@ -164,24 +208,28 @@ def _out_of_resources(e: Exception) -> bool:
     return type(e).__name__ in ("OutOfResources", "PTXASError") or "out of resource" in str(e).lower()
 
 
-def attention_case(ctx: Ctx, dtype, D, causal, p, T, B, H, seed=0):
-    """Our kernel (NaN-padded inputs, NaN-poisoned outputs) and SDPA in `dtype` against fp64."""
+def attention_case(ctx: Ctx, dtype, D, causal, p, T, B, H, seed=0, kv_heads=None, docs=0):
+    """Our kernel (NaN-padded inputs, NaN-poisoned outputs) and SDPA in `dtype` against fp64; with
+    kv_heads < H grouped-query attention, with docs > 0 that many documents packed per row."""
     from kernels.flash_attention import dropout_keep_mask, flash_attention
 
     dev = ctx.device
+    kv_heads = kv_heads or H
     g = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, T, D, dtype=torch.float64, generator=g).to(dev) for _ in range(4))
+    shapes = [(B, H, T, D), (B, kv_heads, T, D), (B, kv_heads, T, D), (B, H, T, D)]
+    q, k, v, do = (torch.randn(*shape, dtype=torch.float64, generator=g).to(dev) for shape in shapes)
+    segments = document_ids(B, T, docs, seed).to(dev) if docs else None
     keep = dropout_keep_mask(1234, B, H, T, p, dev) if p else None
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*ref_in, causal, keep, p)
+    ref = reference_attention(*ref_in, causal, keep, p, segments)
     ref.backward(do)
     xs = [nan_padded(t.to(dtype)).requires_grad_() for t in (q, k, v)]
-    out = flash_attention(*xs, causal=causal, dropout_p=p, seed=1234)
+    out = flash_attention(*xs, causal=causal, dropout_p=p, seed=1234, segments=segments)
     out.backward(nan_padded(do.to(dtype)))
     row = dict(out=_errors(out, ref), grad=_worst([_errors(x.grad, r.grad) for x, r in zip(xs, ref_in)]))
     if not p:
         theirs_in = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        theirs = F.scaled_dot_product_attention(*theirs_in, is_causal=causal)
+        theirs = torch_attention(*theirs_in, causal, segments)
         theirs.backward(do.to(dtype))
         row["ref_out"] = _errors(theirs, ref)
         row["ref_grad"] = _worst([_errors(x.grad, r.grad) for x, r in zip(theirs_in, ref_in)])
@@ -214,7 +262,8 @@ def _error_row(check, dtype, errs, tol, ok, shape, causal=None, config=None):
 def kernel_check(ctx: Ctx):
     """Our attention and LayerNorm on the device against fp64 references (what tests/test_kernels.py
     checks under the interpreter): bf16/fp16/fp32, head dims 64 and 128, causal and not, T not a
-    multiple of any block size, dropout against the explicit keep-mask, determinism per seed."""
+    multiple of any block size, dropout against the explicit keep-mask, determinism per seed; grouped
+    K/V heads and document-masked packing (segments); RMSNorm."""
     ctx.require_gpu()
     from kernels import flash_attention as fa
 
@@ -224,20 +273,12 @@ def kernel_check(ctx: Ctx):
     yield dict(note="attention configs (pinned by index): " + "; ".join(
         f"{name}: " + " ".join(f"{i}={_config_name(c)}" for i, c in enumerate(cs)) for name, cs in lists.items()))
     yield dict(note="*_abs = max|ours - fp64|; *_rel = that / max|fp64|; grad: the worst of dq,dk,dv (dx,dw,db); "
-                    "torch_*: PyTorch's *_rel in the same dtype (SDPA, F.layer_norm); 'tuned': the autotuner's pick")
+                    "torch_*: PyTorch's *_rel in the same dtype (SDPA, F.layer_norm, F.rms_norm); 'tuned': the autotuner's pick")
     yield from layer_norm_checks(ctx)
+    yield from rms_norm_checks(ctx)
     for i, (dtype, D, causal, p) in enumerate(ATTN_CASES):
-        for shift in range(max(len(c) for c in lists.values())):  # a config the GPU cannot fit: the next
-            choice = {name: cs[(i + shift) % len(cs)] for name, cs in lists.items()}
-            try:
-                with pinned_configs(choice):
-                    errs = attention_case(ctx, dtype, D, causal, p, T, B, H, seed=i)
-                break
-            except Exception as e:  # noqa: BLE001
-                if not _out_of_resources(e):
-                    raise
-        else:
-            raise RuntimeError(f"no attention config fits {DTYPE_NAMES[dtype]} D={D} on this GPU")
+        errs, choice = _pinned_run(lists, i, lambda: attention_case(ctx, dtype, D, causal, p, T, B, H, seed=i),
+                                   f"{DTYPE_NAMES[dtype]} D={D}")
         used = " ".join(f"{name}{lists[name].index(c)}" for name, c in choice.items())
         tol, ok = _verdict("attention", dtype, errs)
         yield _error_row("attention" + (f" p={p}" if p else ""), dtype, errs, tol, ok,
@@ -247,6 +288,7 @@ def kernel_check(ctx: Ctx):
                 determinism = _dropout_determinism(ctx, dtype, D, p, T, B, H)
             yield determinism
             yield _dropout_rate(ctx, p, T, B, H)
+    yield from modern_attention_checks(ctx, lists, T, B)
     for dtype, D, causal, p in AUTOTUNED_CASES:
         t_aligned = ctx.pick(1024, 64)
         errs = attention_case(ctx, dtype, D, causal, p, t_aligned, B, H, seed=100 + D)
@@ -255,6 +297,36 @@ def kernel_check(ctx: Ctx):
         tol, ok = _verdict("attention", dtype, errs)
         yield _error_row("attention tuned", dtype, errs, tol, ok, shape=f"B{B} H{H} T{t_aligned} D{D}",
                          causal=causal, config=best or "autotuned")
+
+
+def _pinned_run(lists, i, run, what):
+    """run() with each attention kernel pinned to config i of its list (the next one where the GPU
+    cannot fit it); returns (its result, the configs used)."""
+    for shift in range(max(len(c) for c in lists.values())):
+        choice = {name: cs[(i + shift) % len(cs)] for name, cs in lists.items()}
+        try:
+            with pinned_configs(choice):
+                return run(), choice
+        except Exception as e:  # noqa: BLE001
+            if not _out_of_resources(e):
+                raise
+    raise RuntimeError(f"no attention config fits {what} on this GPU")
+
+
+def modern_attention_checks(ctx: Ctx, lists, T, B):
+    """MODERN_ATTN_CASES: grouped K/V heads and packed documents, against the masked fp64 reference."""
+    H = ctx.pick(GQA_HEADS, GQA_HEADS // 2)
+    for j, (dtype, D, causal, p, kv_heads, docs) in enumerate(MODERN_ATTN_CASES):
+        i, kv_heads = len(ATTN_CASES) + j, min(kv_heads, H)
+        errs, choice = _pinned_run(
+            lists, i, lambda: attention_case(ctx, dtype, D, causal, p, T, B, H, seed=i, kv_heads=kv_heads,
+                                             docs=docs), f"{DTYPE_NAMES[dtype]} D={D}")
+        used = " ".join(f"{name}{lists[name].index(c)}" for name, c in choice.items())
+        tol, ok = _verdict("attention", dtype, errs)
+        check = "attention" + (" gqa" if kv_heads < H else "") + (f" docs={docs}" if docs else "") + (
+            f" p={p}" if p else "")
+        yield _error_row(check, dtype, errs, tol, ok, shape=f"B{B} H{H} Hkv{kv_heads} T{T} D{D}",
+                         causal=causal, config=used)
 
 
 def _dropout_determinism(ctx, dtype, D, p, T, B, H):
@@ -304,6 +376,24 @@ def layer_norm_checks(ctx: Ctx):
                **{"pass": same})
 
 
+def rms_norm_checks(ctx: Ctx):
+    """RMSNorm (the same fused kernels, IS_RMS) against fp64, and PyTorch's RMSNorm in the same dtype."""
+    from kernels.layer_norm import rms_norm
+
+    M, N = ctx.pick(2048, 6), ctx.pick(LN_CASES_N, (64, 100))[1]  # N not a power of two
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, w, _, dy = _ln_inputs(ctx, M, N)
+        torch_rms = lambda x, w, b: F.rms_norm(x, (N,), w, 1e-5)  # noqa: E731
+        ref, ref_grads = _ln_grads(torch_rms, x, w, None, dy, torch.float64)
+        out, grads = _ln_grads(lambda x, w, b: rms_norm(x, w, 1e-5), x, w, None, dy, dtype)
+        theirs, their_grads = _ln_grads(torch_rms, x, w, None, dy, dtype)
+        errs = dict(out=_errors(out, ref), grad=_worst([_errors(g, r) for g, r in zip(grads, ref_grads)]),
+                    ref_out=_errors(theirs, ref),
+                    ref_grad=_worst([_errors(g, r) for g, r in zip(their_grads, ref_grads)]))
+        tol, ok = _verdict("layernorm", dtype, errs)
+        yield _error_row("rmsnorm", dtype, errs, tol, ok, shape=f"M{M} N{N}")
+
+
 def _ln_inputs(ctx, M, N, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, N, dtype=torch.float64, generator=g) * 2 + 0.5
@@ -313,10 +403,11 @@ def _ln_inputs(ctx, M, N, seed=0):
 
 
 def _ln_grads(fn, x, w, b, dy, dtype):
-    params = [t.to(dtype, copy=True).requires_grad_() for t in (x, w, b)]
+    """Output and gradients of fn(x, w, b) on copies in dtype; b may be None (RMSNorm)."""
+    params = [t.to(dtype, copy=True).requires_grad_() if t is not None else None for t in (x, w, b)]
     y = fn(*params)
     y.backward(dy.to(dtype))
-    return y, [t.grad for t in params]
+    return y, [t.grad for t in params if t is not None]
 
 
 def _layer_norm_case(ctx, layer_norm, dtype, M, N):
