@@ -504,7 +504,7 @@ def load_info(ckpt: Path) -> dict:
 
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation", "norm", "position",
-              "mlp", "mlp_hidden", "n_kv_head", "qk_norm")
+              "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "share_layers")
 RESOLVED = {"mlp_hidden": mlp_hidden_size, "n_kv_head": lambda m: m.n_kv_head or m.n_head}  # 0 means a default
 
 

@@ -68,6 +68,7 @@ class ModelConfig:
     mlp_hidden: int = 0  # MLP width; 0: 4 n_embd for gelu, Llama's 8/3 n_embd rounded up to 256 for swiglu
     n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (1: multi-query)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
+    share_layers: int = 1  # K > 1: each group of K consecutive blocks runs one set of weights (ALBERT)
 
 
 @dataclass
@@ -408,6 +409,8 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.position", f"= 'rope' needs an even head size; n_embd / n_head = {m.n_embd // m.n_head}")
     if m.rope_theta <= 1:
         bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
+    if m.share_layers < 1 or m.n_layer % m.share_layers:
+        bad("model.share_layers", f"= {m.share_layers} must be >= 1 and divide model.n_layer = {m.n_layer}")
     if m.mlp_hidden < 0:
         bad("model.mlp_hidden", "must be >= 0 (0: the width model.mlp implies)")
     # Refused before anything is allocated (a typo, or a damaged config.toml in a checkpoint): embeddings,

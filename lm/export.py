@@ -17,7 +17,7 @@ from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.attention import inference_backends
 from lm.config import to_toml
-from lm.hf import hf_config, to_hf_state
+from lm.hf import hf_config, to_hf_state, unrolled
 from lm.model import GPT
 
 EOS = "<|endoftext|>"
@@ -84,6 +84,11 @@ def hf_tokenizer_json(ckpt: Path) -> str:
 
 def export_hf(ckpt: Path, model: GPT, out: Path):
     tokenizer = load_tokenizer(ckpt)
+    if model.cfg.share_layers > 1:
+        print(f"note: model.share_layers = {model.cfg.share_layers}: the export holds the unrolled weights "
+              f"({model.cfg.n_layer} blocks), a standard directory {model.cfg.share_layers}x the size of the "
+              "shared ones", file=sys.stderr)
+        model = unrolled(model)
     cfg = model.cfg
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer.eos_id), indent=2))
     save_safetensors(to_hf_state(model), out / "model.safetensors", metadata={"format": "pt"})

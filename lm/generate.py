@@ -59,12 +59,26 @@ class KVCache:
         visible = (key <= query) & (key >= self.pad[:, None, None])
         return (visible | (key == query))[:, None]
 
+    def layer(self, index: int) -> "LayerCache":
+        return LayerCache(self, index)
+
     def update(self, layer: int, k, v):
         """Store this step's k, v for `layer`; return all keys and values so far."""
         start, end = self.length, self.length + k.size(-2)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LayerCache:
+    """One layer's slots of a KVCache, handed to the block that runs as that layer: with shared weights
+    (model.share_layers) one block runs as several layers, each with its own keys and values."""
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def update(self, k, v):
+        return self.cache.update(self.index, k, v)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -44,6 +44,28 @@ def hf_config(cfg: ModelConfig, eos_id: int) -> dict:
     }
 
 
+def unrolled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with model.share_layers = 1: layer i holds the weights of shared block i // K, so a standard
+    directory (n_layer blocks) holds it. The tensors are the model's own (no copy)."""
+    import dataclasses
+
+    from lm.model import GPT
+
+    K = model.cfg.share_layers
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("transformer.h."):
+            _, _, block, rest = key.split(".", 3)
+            for layer in range(int(block) * K, (int(block) + 1) * K):
+                state[f"transformer.h.{layer}.{rest}"] = value
+        else:
+            state[key] = value
+    with torch.device("meta"):
+        flat = GPT(dataclasses.replace(model.cfg, share_layers=1))
+    flat.load_state_dict(state, assign=True)  # wte and lm_head get the one tensor: still tied
+    return flat.eval()
+
+
 def _is_conv1d(model: torch.nn.Module, key: str) -> bool:
     """HF stores every Linear but the head as a transposed Conv1D."""
     module = model.get_submodule(key.rsplit(".", 1)[0])
@@ -112,7 +134,8 @@ def read_hf_config(directory: Path) -> ModelConfig:
                        n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True, activation=act)
 
 
-SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "position", "mlp", "qk_norm")
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "position", "mlp", "qk_norm",
+         "share_layers")
 
 
 def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):

@@ -24,13 +24,13 @@ from lm.loss import linear_cross_entropy
 from lm.position import apply_rope, document_positions, document_segments, rope_tables
 
 if TYPE_CHECKING:  # generation's KV cache; lm.generate imports this module
-    from lm.generate import KVCache
+    from lm.generate import KVCache, LayerCache
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.n_kv_head = cfg.n_kv_head or cfg.n_head  # fewer: each key/value head serves a group of queries
         self.head_dim = cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
@@ -42,7 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = ATTENTION[cfg.attention]
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, segments=None):
+    def forward(self, x, rope=None, cache: LayerCache | None = None, mask=None, segments=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(k, v)  # this layer's slots (a LayerCache)
         y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0, mask=mask,
                         segments=segments)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -90,14 +90,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, segments=None):
+    def forward(self, x, rope=None, cache: LayerCache | None = None, mask=None, segments=None):
         x = x + self.attn(self.ln_1(x), rope, cache, mask, segments)
         return x + self.mlp(self.ln_2(x))
 
@@ -114,7 +114,8 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             **layers,
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            # with model.share_layers = K, layer i runs block i // K: n_layer / K sets of weights
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer // cfg.share_layers)),
             ln_f=make_norm(cfg),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -182,12 +183,13 @@ class GPT(nn.Module):
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
+        for i in range(self.cfg.n_layer):
+            block = self.transformer.h[i // self.cfg.share_layers]
             if i in self.checkpointed and cache is None and torch.is_grad_enabled():
                 # RNG state is preserved for dropout
                 x = checkpoint(block, x, rope, None, None, segments, use_reentrant=False)
             else:
-                x = block(x, rope, cache, mask, segments)
+                x = block(x, rope, None if cache is None else cache.layer(i), mask, segments)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)

@@ -79,7 +79,7 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int):
     """"none", "full" (every block) or "every" (every `every`-th block): those blocks recompute their
     activations in backward instead of storing them (GPT.forward reads `model.checkpointed`)."""
-    n = len(model.transformer.h)
+    n = model.cfg.n_layer  # layers, i.e. uses of a block (several share one under model.share_layers)
     model.checkpointed = set() if mode == "none" else {i for i in range(n) if mode == "full" or i % every == 0}
 
 

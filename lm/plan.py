@@ -94,7 +94,7 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         if m.bias and kind == "layernorm":
             shapes.append((f"{name}.bias", (size,)))
 
-    for i in range(m.n_layer):
+    for i in range(m.n_layer // m.share_layers):  # weights shared by K layers are listed once
         p = f"transformer.h.{i}"
         norm(f"{p}.ln_1")
         linear(f"{p}.attn.c_attn", h, h + 2 * kv)
@@ -111,6 +111,15 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         linear(f"{p}.mlp.c_proj", hidden, h)
     norm("transformer.ln_f")
     return shapes
+
+
+def flops_per_token(m: ModelConfig) -> int:
+    """Training FLOPs per token: 6 per weight a token passes through (a block shared by K layers counts K
+    times) plus attention's 12 L h s (scores and values, forward and backward)."""
+    shapes = param_shapes(m)
+    block = sum(math.prod(s) for name, s in shapes if name.startswith("transformer.h.0."))
+    passed = sum(math.prod(s) for _, s in shapes) + (m.n_layer - m.n_layer // m.share_layers) * block
+    return 6 * passed + 12 * m.n_layer * m.n_embd * m.block_size
 
 
 def shard_numel(shape: tuple[int, ...], world_size: int, rank: int) -> int:
@@ -270,19 +279,19 @@ def plan(cfg: Config, world_size: int = 1, micro_batch: int | None = None, gpu: 
     n_params = sum(math.prod(shape) for _, shape in shapes)
     embedding = (m.vocab_size + (m.block_size if m.position == "learned" else 0)) * m.n_embd
     attention_flops = 12 * m.n_layer * m.n_embd * m.block_size
-    flops_per_token = 6 * n_params + attention_flops
+    flops = flops_per_token(m)
 
     parts = _memory(cfg, m, world_size, rank, b, dtype, mode)
     total = _total(parts, cfg.train.grad_accum)
     usable = USABLE_FRACTION * gpu_memory
     act_bytes = 2 if dtype in ("bfloat16", "float16") else 4
     tokens_per_step = world_size * b * cfg.train.grad_accum * m.block_size
-    tokens_per_s = mfu * world_size * peak / flops_per_token
+    tokens_per_s = mfu * world_size * peak / flops
     return RunPlan(
         world_size=world_size, rank=rank, micro_batch=b, grad_accum=cfg.train.grad_accum,
         seq_len=m.block_size, dtype=dtype, gpu=gpu, gpu_memory=gpu_memory, mfu=mfu,
         activation_checkpointing=mode, params=n_params, embedding_params=embedding,
-        non_embedding_params=n_params - embedding, flops_per_token=flops_per_token,
+        non_embedding_params=n_params - embedding, flops_per_token=flops,
         attention_flops_per_token=attention_flops, **parts,
         mem_activations_none=_activation_bytes(m, b, act_bytes, "none", 1),
         mem_activations_full=_activation_bytes(m, b, act_bytes, "full", 1),

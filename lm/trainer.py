@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep import DataError, TokenReader
-from lm import checkpoint
+from lm import checkpoint, plan
 from lm.config import Config, ConfigError, parse_sources, to_toml
 from lm.data import MixedStream, Prefetcher, SampleStream, check_same_tokenizer, ensure_prepared
 from lm.evaluation import Evaluator, validation_sets
@@ -300,7 +300,7 @@ class Trainer:
         SIGTERM/SIGINT on any rank) with a checkpoint written."""
         t, lg, m = self.cfg.train, self.cfg.log, self.cfg.model
         tokens_per_step = self.world.size * t.batch_size * t.grad_accum * m.block_size
-        flops_per_token = 6 * self.num_params + 12 * m.n_layer * m.n_embd * m.block_size
+        flops_per_token = plan.flops_per_token(m)
         peak = peak_flops(self.device, self.dtype)
         ckpt_every = t.checkpoint_interval or t.eval_interval
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

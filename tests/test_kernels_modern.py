@@ -318,3 +318,33 @@ def test_rejects_bad_heads_and_segments():
                      (torch.tensor([[0] * 8 + [1] * 4 + [0] * 4], dtype=torch.int32), "non-decreasing")]:
         with pytest.raises(ValueError, match=why):
             flash_attention(q, kv, kv, causal=True, segments=bad)
+
+
+# ---------------------------------------------------------------- through the model
+
+def test_llama_blocks_with_document_mask_run_our_kernels_like_pytorch():
+    """model.attention/layernorm = "triton" with RMSNorm, qk-norm, GQA and document segments: the logits and
+    gradients of the PyTorch paths, with the same weights."""
+    import dataclasses
+
+    from lm.config import ModelConfig
+    from lm.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, block_size=48, n_layer=1, n_head=4, n_embd=64, norm="rmsnorm",
+                      position="rope", mlp="swiglu", n_kv_head=2, qk_norm=True, bias=False)
+    reference = GPT(cfg)
+    ours = GPT(dataclasses.replace(cfg, attention="triton", layernorm="triton"))
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randint(0, 40, (2, 48))
+    x[:, [7, 20, 21, 33]] = 39  # EOS: several documents per row, one of a single token
+    grads = []
+    for model in (reference, ours):
+        model.document_eos = 39
+        logits, _ = model(x)
+        loss = model(x, x)[1]
+        loss.backward()
+        grads.append((logits.detach(), [p.grad for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-4)
