@@ -578,12 +578,18 @@ def load_model(ckpt: Path, model: torch.nn.Module):
     `model.safetensors` of `lm.export --format safetensors` (which stores the tied head once)."""
     path = ckpt / "model.safetensors"
     if path.is_file() and not (ckpt / ".metadata").is_file():
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                state = {key: f.get_tensor(key) for key in f.keys()}
+                quantized = (f.metadata() or {}).get("lmforge_quantized")
         except Exception as e:  # a truncated or foreign file
             raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
+        if quantized:  # lm.quantize: integers and scales, made fp32 here
+            from lm.quantize import dequantized_state
+
+            state = dequantized_state(state, {k: v.shape for k, v in model.state_dict().items()})
         state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
         for key, tensor in model.state_dict().items():
             if state.get(key) is None:

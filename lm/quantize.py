@@ -73,3 +73,117 @@ def _quantize_weight_only(model: nn.Module) -> nn.Module:
             if type(child) is nn.Linear:
                 setattr(module, child_name, Int8Linear(child))
     return model
+
+
+# ---- quantized checkpoints for storage and serving: `python -m lm.quantize RUN --bits 8|4 OUT` ---------
+# Every matrix (Linear weights, the token embedding that is also the head, the position table) is stored as
+# symmetric integers with fp scales; vectors (norm gains, biases) stay fp32. int8: one fp32 scale per row
+# (output channel). int4: one fp16 scale per row and group of `group_size` input columns, two values per
+# byte. Loading dequantizes into an ordinary fp32 model, so sample.py, lm.eval and init.from read it as
+# they read `lm.export --format safetensors`.
+QUANT_KEY = "lmforge_quantized"
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp32 scale per row) with w ~= values * scale[:, None]; |error| <= scale / 2."""
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 holding two 4-bit values per byte, fp16 scale per row and group); the columns are padded
+    with zeros to a multiple of group_size. Values are in [-7, 7]: |error| <= scale / 2 (scale: group
+    max / 7, rounded to fp16 before use so the bound holds for the stored scale)."""
+    rows, cols = w.shape
+    padded = -(-cols // group_size) * group_size
+    w = torch.nn.functional.pad(w.float(), (0, padded - cols)).view(rows, padded // group_size, group_size)
+    scale = (w.abs().amax(dim=2) / 7.0).clamp(min=1e-8).half()
+    q = torch.round(w / scale.float()[..., None]).clamp(-7, 7).to(torch.int8).view(rows, padded)
+    nibbles = (q + 8).to(torch.uint8)  # 1..15
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
+
+
+def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
+    rows, groups = scale.shape
+    q = torch.empty(rows, packed.shape[1] * 2, dtype=torch.int8)
+    q[:, 0::2] = (packed & 0xF).to(torch.int8) - 8
+    q[:, 1::2] = (packed >> 4).to(torch.int8) - 8
+    w = q.view(rows, groups, -1).float() * scale.float()[..., None]
+    return w.view(rows, -1)[:, :cols]
+
+
+def quantized_state(model: nn.Module, bits: int, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """The tensors of a quantized checkpoint (the tied head is stored once, as the embedding)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        value = value.detach().float()
+        if value.dim() != 2:
+            out[key] = value.contiguous()
+        elif bits == 8:
+            out[f"{key}.int8"], out[f"{key}.scale"] = quantize_int8_rows(value)
+        else:
+            out[f"{key}.int4"], out[f"{key}.scale"] = quantize_int4_groups(value, group_size)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def dequantized_state(stored: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """fp32 tensors for a model whose state_dict has `shapes`, from quantized_state's tensors."""
+    state = {}
+    for key, shape in shapes.items():
+        if key in stored:
+            state[key] = stored[key]
+        elif f"{key}.int8" in stored:
+            state[key] = stored[f"{key}.int8"].float() * stored[f"{key}.scale"][:, None]
+        elif f"{key}.int4" in stored:
+            state[key] = dequantize_int4_groups(stored[f"{key}.int4"], stored[f"{key}.scale"], shape[1])
+    return state
+
+
+def main(argv=None) -> int:
+    import argparse
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from data_prep import DataError, load_tokenizer
+    from lm import checkpoint
+    from lm.config import to_toml
+    from lm.export import _fresh_dir, load, save_safetensors
+
+    p = argparse.ArgumentParser(description="Write a weight-only int8 or int4 copy of a checkpoint, for storage "
+                                            "and serving (sample.py and lm.eval read it)")
+    p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    p.add_argument("--group-size", type=int, default=64, help="int4: input columns per scale")
+    p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
+    args = p.parse_args(argv)
+    try:
+        if args.group_size < 2 or args.group_size % 2:
+            raise checkpoint.CheckpointError(f"--group-size {args.group_size}: must be an even number >= 2")
+        ckpt, model = load(args.path)
+        out = _fresh_dir(args.out)
+        cfg = checkpoint.load_config(ckpt)
+        stored = quantized_state(model, args.bits, args.group_size)
+        save_safetensors(stored, out / "model.safetensors",
+                         metadata={"format": "pt", QUANT_KEY: f"int{args.bits}", "group_size": str(args.group_size),
+                                   "lmforge_config": to_toml(cfg)})
+        (out / "config.toml").write_text(to_toml(cfg))
+        tokenizer = load_tokenizer(ckpt)
+        shutil.copyfile(ckpt / tokenizer.file_name, out / tokenizer.file_name)
+    except (checkpoint.CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {args.out}: cannot write ({e.strerror or e}: {e.filename})", file=sys.stderr)
+        return 2
+    fp32 = 4 * sum(v.numel() for k, v in model.state_dict().items() if k != "lm_head.weight")
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out} (int{args.bits}) from {ckpt}: {size / 1e6:.2f} MB of weights, "
+          f"{fp32 / size:.2f}x smaller than fp32 ({fp32 / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
