@@ -167,6 +167,16 @@ class InitConfig:
 
 
 @dataclass
+class DistillConfig:
+    # knowledge distillation: the loss is alpha * T^2 * KL(teacher || student) at temperature T plus
+    # (1 - alpha) * the usual cross-entropy; the teacher (a run or checkpoint of ours, or "hf:DIR") runs
+    # without gradients in eval mode and must share the student's tokenizer
+    teacher: str = ""
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+@dataclass
 class ContinualConfig:
     # freezing phases "STEP:K": from STEP on, the embeddings (and the tied head) and the first K blocks
     # are frozen; K = 0 trains everything. E.g. ["0:4", "200:0"]
@@ -190,6 +200,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         """Sections and keys as written in TOML (`from_` is `from`)."""
@@ -199,7 +210,7 @@ class Config:
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                   "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig,
-                 "continual": ContinualConfig}
+                 "continual": ContinualConfig, "distill": DistillConfig}
 
 
 def _key(field_name: str) -> str:
@@ -409,6 +420,11 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.position", f"= 'rope' needs an even head size; n_embd / n_head = {m.n_embd // m.n_head}")
     if m.rope_theta <= 1:
         bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
+    d = cfg.distill
+    if d.temperature <= 0:
+        bad("distill.temperature", f"= {d.temperature} must be > 0")
+    if not 0.0 <= d.alpha <= 1.0:
+        bad("distill.alpha", f"= {d.alpha} must be in [0, 1]")
     if m.share_layers < 1 or m.n_layer % m.share_layers:
         bad("model.share_layers", f"= {m.share_layers} must be >= 1 and divide model.n_layer = {m.n_layer}")
     if m.mlp_hidden < 0:

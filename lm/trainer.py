@@ -22,6 +22,7 @@ from data_prep import DataError, TokenReader
 from lm import checkpoint, plan
 from lm.config import Config, ConfigError, parse_sources, to_toml
 from lm.data import MixedStream, Prefetcher, SampleStream, check_same_tokenizer, ensure_prepared
+from lm.distill import Distiller
 from lm.evaluation import Evaluator, validation_sets
 from lm.ewc import EWC, EWC_FILE, estimate_fisher
 from lm.freeze import Freezing
@@ -89,6 +90,10 @@ class Trainer:
         self.trainable: list[torch.nn.Parameter] | None = None  # parameters that train now (see freezing)
         resumed = self._start(resume, last_good)
         self.ewc = self._setup_ewc(resumed) if cfg.continual.ewc_batches else None
+        self.distiller = Distiller(cfg, self.tokenizer_file, self.world, self.device) if cfg.distill.teacher else None
+        if self.distiller:
+            self._print(f"distilling from {cfg.distill.teacher} (T = {cfg.distill.temperature:g}, "
+                        f"alpha = {cfg.distill.alpha:g})")
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _resolve_vocab(self, reader: TokenReader, data_dir: Path):
@@ -229,7 +234,7 @@ class Trainer:
             if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with self._autocast():
-                _, loss = self.model(x, y)
+                loss = self.distiller.loss(self.model, x, y) if self.distiller else self.model(x, y)[1]
             (loss * scale / t.grad_accum).backward()
             loss_sum += loss.detach()
         self.samples += per_micro * t.grad_accum
