@@ -42,7 +42,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: `except Exception` misses it
 
-from lm.config import Config, ConfigError, config_from_toml_text, mlp_hidden_size, to_toml
+from lm.config import Config, ConfigError, config_from_toml_text, head_size, mlp_hidden_size, to_toml
 
 CKPT_DIR = "ckpt"
 RECORD = "checkpoint.json"
@@ -504,8 +504,8 @@ def load_info(ckpt: Path) -> dict:
 
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation", "norm", "position",
-              "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "share_layers")
-RESOLVED = {"mlp_hidden": mlp_hidden_size, "n_kv_head": lambda m: m.n_kv_head or m.n_head}  # 0 means a default
+              "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "share_layers", "head_dim")
+RESOLVED = {"mlp_hidden": mlp_hidden_size, "n_kv_head": lambda m: m.n_kv_head or m.n_head, "head_dim": head_size}  # 0 means a default
 
 
 def check_shape(ckpt: Path, saved: Config, current: Config):

@@ -36,6 +36,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def head_size(cfg: "ModelConfig") -> int:
+    """Each attention head's size: model.head_dim, else n_embd / n_head."""
+    return cfg.head_dim or cfg.n_embd // cfg.n_head
+
+
 def mlp_hidden_size(cfg: "ModelConfig") -> int:
     """The MLP's width: model.mlp_hidden, else GPT-2's 4 n_embd, or for SwiGLU Llama's rule (two thirds of
     4 n_embd, so the three matrices cost what GPT-2's two do, rounded up to a multiple of 256)."""
@@ -68,6 +73,7 @@ class ModelConfig:
     mlp_hidden: int = 0  # MLP width; 0: 4 n_embd for gelu, Llama's 8/3 n_embd rounded up to 256 for swiglu
     n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (1: multi-query)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
+    head_dim: int = 0  # size of each attention head; 0: n_embd / n_head (structured head pruning makes it differ)
     share_layers: int = 1  # K > 1: each group of K consecutive blocks runs one set of weights (ALBERT)
 
 
@@ -412,12 +418,14 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
     if m.loss_chunk < 0:
         bad("model.loss_chunk", "must be >= 0 (tokens per chunk of the loss; 0: whole logits)")
-    if m.n_embd % m.n_head:
+    if m.head_dim < 0:
+        bad("model.head_dim", "must be >= 0 (0: n_embd / n_head)")
+    if m.n_embd % m.n_head and not m.head_dim:
         bad("model.n_embd", f"= {m.n_embd} is not divisible by model.n_head = {m.n_head}")
     if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
         bad("model.n_kv_head", f"= {m.n_kv_head} must divide model.n_head = {m.n_head} (0: as many as n_head)")
-    if m.position == "rope" and (m.n_embd // m.n_head) % 2:
-        bad("model.position", f"= 'rope' needs an even head size; n_embd / n_head = {m.n_embd // m.n_head}")
+    if m.position == "rope" and head_size(m) % 2:
+        bad("model.position", f"= 'rope' needs an even head size; the heads have {head_size(m)}")
     if m.rope_theta <= 1:
         bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
     d = cfg.distill

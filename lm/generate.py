@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from lm.config import ModelConfig
+from lm.config import ModelConfig, head_size
 from lm.model import GPT
 
 # What each sampling setting must be, checked by generate() and by sample.py's flags alike. Each rule says
@@ -37,7 +37,7 @@ class KVCache:
     be left-padded (`pad[b]` slots): padding is never attended to and positions start after it."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head or cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head or cfg.n_head, max_len, head_size(cfg))
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # slots filled so far

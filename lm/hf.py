@@ -12,7 +12,7 @@ import torch
 
 from lm import hf_llama
 from lm.checkpoint import CheckpointError
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, head_size, mlp_hidden_size
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # ours -> HF's activation_function
 
@@ -21,7 +21,7 @@ def family(cfg: ModelConfig) -> str:
     """"gpt2" or "llama": the HF format that represents this block exactly; else a one-line refusal."""
     gpt2 = dict(norm="layernorm", position="learned", mlp="gelu", qk_norm=False)
     if all(getattr(cfg, k) == v for k, v in gpt2.items()) and (cfg.n_kv_head or cfg.n_head) == cfg.n_head \
-            and mlp_hidden_size(cfg) == 4 * cfg.n_embd:
+            and mlp_hidden_size(cfg) == 4 * cfg.n_embd and head_size(cfg) * cfg.n_head == cfg.n_embd:
         return "gpt2"
     if all(getattr(cfg, k) == v for k, v in hf_llama.LLAMA_BLOCK.items()):
         return "llama"
@@ -89,13 +89,14 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _to_llama_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     cfg, state = model.cfg, {}
-    kv = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+    head = head_size(cfg)
+    kv = (cfg.n_kv_head or cfg.n_head) * head
     for key, value in model.state_dict().items():
         if key == "lm_head.weight":
             continue
         names = hf_llama.hf_name(key)
         if isinstance(names, list):  # c_attn: q, k, v stacked by rows
-            for name, part in zip(names, value.split([cfg.n_embd, kv, kv], dim=0)):
+            for name, part in zip(names, value.split([cfg.n_head * head, kv, kv], dim=0)):
                 state[name] = part
         else:
             state[names] = value
@@ -139,7 +140,7 @@ SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "pos
 
 
 def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):
-    resolved = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size}
+    resolved = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size, "head_dim": head_size}
     keys = SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias"))
     for key in keys + tuple(resolved):
         a, b = (resolved[key](m) if key in resolved else getattr(m, key) for m in (hf, ours))

@@ -7,7 +7,7 @@ order, rows). Our rotary layout is Llama's Hugging Face one ("rotate half"), so 
 from __future__ import annotations
 
 from lm.attention import RMS_EPS
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, head_size, mlp_hidden_size
 
 # what a model needs to be a Llama; anything else stays with GPT-2's format or is refused (lm/hf.py)
 LLAMA_BLOCK = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "qk_norm": False}
@@ -22,7 +22,7 @@ def llama_config(cfg: ModelConfig, eos_id: int) -> dict:
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
         "intermediate_size": mlp_hidden_size(cfg), "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
-        "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu", "rms_norm_eps": RMS_EPS,
+        "head_dim": head_size(cfg), "hidden_act": "silu", "rms_norm_eps": RMS_EPS,
         # both spellings: transformers 5 reads rope_parameters, older readers (vLLM, transformers 4) rope_theta
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
@@ -54,7 +54,6 @@ def read_llama_config(hf: dict, where: str) -> ModelConfig:
     if hf.get("rope_scaling"):
         rope = {**rope, "rope_type": hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type"))}
     checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-              "head_dim": (hf.get("head_dim") or hidden // heads, hidden // heads),
               "rms_norm_eps": (hf.get("rms_norm_eps", RMS_EPS), RMS_EPS),
               "rope type": (rope.get("rope_type", "default"), "default"),
               "tie_word_embeddings": (hf.get("tie_word_embeddings", False), True),
@@ -64,6 +63,7 @@ def read_llama_config(hf: dict, where: str) -> ModelConfig:
             raise CheckpointError(f"{where}: {key} = {value!r} is not supported (expected {wanted!r})")
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                        n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=hidden,
+                       head_dim=0 if (hf.get("head_dim") or hidden // heads) * heads == hidden else hf["head_dim"],
                        n_kv_head=hf.get("num_key_value_heads") or heads, mlp_hidden=hf["intermediate_size"],
                        rope_theta=float(rope["rope_theta"]), bias=bool(hf.get("attention_bias", False)),
                        dropout=0.0, **LLAMA_BLOCK)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lm.attention import ATTENTION, is_norm, make_norm
-from lm.config import ModelConfig, mlp_hidden_size
+from lm.config import ModelConfig, head_size, mlp_hidden_size
 from lm.loss import linear_cross_entropy
 from lm.position import apply_rope, document_positions, document_segments, rope_tables
 
@@ -32,9 +32,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.n_kv_head = cfg.n_kv_head or cfg.n_head  # fewer: each key/value head serves a group of queries
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = head_size(cfg)
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         if cfg.qk_norm:
             # RMSNorms whatever model.norm is, as in OLMo 2 and Qwen 3
             self.q_norm = make_norm(cfg, self.head_dim, kind="rmsnorm")
@@ -43,8 +43,9 @@ class CausalSelfAttention(nn.Module):
         self.attend = ATTENTION[cfg.attention]
 
     def forward(self, x, rope=None, cache: LayerCache | None = None, mask=None, segments=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        B, T, _ = x.shape
+        inner, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([inner, kv, kv], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -57,7 +58,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)  # this layer's slots (a LayerCache)
         y = self.attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0, mask=mask,
                         segments=segments)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, inner)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -179,7 +180,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         rope = None
         if self.cfg.position == "rope":
-            rope = rope_tables(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
+            rope = rope_tables(pos, head_size(self.cfg), self.cfg.rope_theta)
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)

@@ -59,7 +59,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 
-from lm.config import Config, ConfigError, ModelConfig, mlp_hidden_size
+from lm.config import Config, ConfigError, ModelConfig, head_size, mlp_hidden_size
 from lm.metrics import PEAK_FLOPS
 
 USABLE_FRACTION = 0.9
@@ -78,7 +78,7 @@ def parse_memory(text: str) -> float:
 
 def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter, in GPT.named_parameters() order (the tied head appears once)."""
-    h, head = m.n_embd, m.n_embd // m.n_head
+    h, head = m.n_embd, head_size(m)
     kv, hidden = (m.n_kv_head or m.n_head) * head, mlp_hidden_size(m)
     shapes = [("transformer.wte.weight", (m.vocab_size, h))]
     if m.position == "learned":
@@ -97,8 +97,8 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(m.n_layer // m.share_layers):  # weights shared by K layers are listed once
         p = f"transformer.h.{i}"
         norm(f"{p}.ln_1")
-        linear(f"{p}.attn.c_attn", h, h + 2 * kv)
-        linear(f"{p}.attn.c_proj", h, h)
+        linear(f"{p}.attn.c_attn", h, m.n_head * head + 2 * kv)
+        linear(f"{p}.attn.c_proj", m.n_head * head, h)
         if m.qk_norm:
             norm(f"{p}.attn.q_norm", head, "rmsnorm")
             norm(f"{p}.attn.k_norm", head, "rmsnorm")

@@ -30,6 +30,7 @@ from lm.initialize import load_initial_weights, old_domain
 from lm.metrics import MetricsLog, peak_flops
 from lm.optim import LRSchedule, build_optimizer
 from lm.parallel import barrier, build_model, close_world, init_world, mean_across_ranks, resolved_dtype
+from lm.prune import MASKS_FILE, Masks
 from lm.stability import Stability
 
 
@@ -90,6 +91,7 @@ class Trainer:
         self.trainable: list[torch.nn.Parameter] | None = None  # parameters that train now (see freezing)
         resumed = self._start(resume, last_good)
         self.ewc = self._setup_ewc(resumed) if cfg.continual.ewc_batches else None
+        self.masks = self._pruning_masks(resumed)
         self.distiller = Distiller(cfg, self.tokenizer_file, self.world, self.device) if cfg.distill.teacher else None
         if self.distiller:
             self._print(f"distilling from {cfg.distill.teacher} (T = {cfg.distill.temperature:g}, "
@@ -136,6 +138,26 @@ class Trainer:
         self._print(f"EWC: Fisher from {c.ewc_batches} batches of {directory} ({c.ewc_labels} labels), "
                     f"lambda {c.ewc_lambda:g}; saved to {path}")
         return ewc
+
+    def _pruning_masks(self, resumed: bool) -> Masks | None:
+        """Magnitude-pruning masks (lm.prune) stay fixed: from this run's copy on resume, else from the
+        init.from directory, copied into the run directory."""
+        own = self.run_dir / MASKS_FILE
+        source = None
+        if resumed:
+            source = own if own.is_file() else None
+        elif self.cfg.init.from_ and not self.cfg.init.from_.startswith("hf:"):
+            found = checkpoint.resolve(self.cfg.init.from_) / MASKS_FILE
+            source = found if found.is_file() else None
+        if source is None:
+            return None
+        masks = Masks.load(source)
+        if source != own and self.world.main:
+            masks.save(own)
+        masks.apply(self.model)
+        self._print(f"pruning masks from {source}: {sum(int((~m).sum()) for m in masks.masks.values()):,} weights "
+                    "held at zero")
+        return masks
 
     def _start(self, resume: bool, last_good: bool) -> bool:
         """Restore the newest checkpoint, or start a new run (from init.from when set). Returns whether
@@ -253,6 +275,8 @@ class Trainer:
         reason = self.stability.verdict(loss_f, norm_f)
         if reason is None:
             self.optimizer.step()
+            if self.masks:
+                self.masks.apply(self.model)
         self.stability.record(reason, loss_f)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
