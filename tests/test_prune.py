@@ -1,5 +1,7 @@
 """Pruning (`python -m lm.prune`): magnitude masks that stay zero through fine-tuning and resume, and
 structured pruning of heads and neurons that really shrinks the model."""
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,16 @@ def test_structured_pruning_writes_a_smaller_run_that_samples_and_trains(cli, ru
 def test_prune_refuses_bad_input_in_one_line(cli, run, tmp_path):
     assert_user_error(cli("-m", "lm.prune", run / "run", tmp_path / "o", "--method", "heads", "--sparsity", "1.5"),
                       "--sparsity 1.5")
+
+
+@pytest.mark.slow
+def test_compress_bench_smoke(cli, run, tmp_path):
+    import json
+
+    out = tmp_path / "compress.json"
+    r = cli("bench/compress.py", "--smoke", "--data", run / "data", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["teacher heads 50%"]["params"] < rows["teacher 2x64"]["params"]
+    assert rows["teacher int4"]["disk_mb"] < rows["teacher int8"]["disk_mb"] < rows["teacher 2x64"]["disk_mb"]
+    assert all(math.isfinite(row["val_loss"]) for row in rows.values())
