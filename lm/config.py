@@ -17,6 +17,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from lm.augment import parse_augment  # noqa: E402  (it imports nothing of ours)
+
 
 class ConfigError(ValueError):
     """A config mistake; the message is one line meant for the user."""
@@ -98,10 +100,16 @@ class DataConfig:
     # Packed sequences stay packed, but no token attends across an EOS (the end of its document) and positions
     # restart at each document's first token.
     document_mask: bool = False
+    # input augmentation, "KIND:P" each (lm/augment.py): "swap:P" (adjacent tokens), "noise:P" (random ids),
+    # "drop:P" (EOS in place of a token); on inputs only, reproducible under resume. E.g. ["swap:0.02"]
+    augment: list[str] = field(default_factory=list)
 
 
 @dataclass
 class OptimConfig:
+    # adamw | sgd (momentum, Nesterov) | rmsprop | muon (Muon for the blocks' weight matrices, AdamW for the
+    # embeddings, norms and biases); lm/optim.py
+    name: str = "adamw"
     lr: float = 6e-4  # peak learning rate
     min_lr: float = 6e-5  # floor of the cosine decay
     warmup_steps: int = 100
@@ -115,8 +123,14 @@ class OptimConfig:
     rewarm_at: int = 0  # restart the schedule (warmup, then decay) at this step, e.g. when a run continues
     weight_decay: float = 0.1  # applied to weight matrices and embeddings only, never biases or norms
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float = 0.95  # AdamW's second-moment decay; RMSprop's smoothing constant (torch's alpha)
     eps: float = 1e-8
+    momentum: float = -1.0  # sgd, rmsprop, muon: -1 takes each one's usual value (sgd 0.9, rmsprop 0, muon 0.95)
+    nesterov: bool = True  # sgd and muon: Nesterov momentum (Muon's reference uses it); moot at momentum 0
+    # muon: peak lr of the hidden matrices, scaled by the schedule like optim.lr; 0: optim.lr (their update
+    # is scaled to AdamW's RMS, so AdamW's lr and weight decay carry over)
+    muon_lr: float = 0.0
+    ns_steps: int = 5  # muon: Newton-Schulz iterations
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
@@ -169,7 +183,19 @@ class InitConfig:
     # where the starting weights come from: "" (random init), a run or checkpoint directory of ours,
     # or "hf:DIR" (a local Hugging Face GPT-2-architecture directory); written `from` in TOML
     from_: str = ""
-    optimizer: bool = False  # also load the optimizer state (AdamW moments) of that checkpoint
+    optimizer: bool = False  # also load the optimizer state (moments, momentum) of that checkpoint; same optim.name
+
+
+@dataclass
+class SFTConfig:
+    # prompt/completion tuning (lm/sft.py): JSONL examples, the loss on completion tokens only, packed
+    # without attention across examples; data.dir gives the tokenizer (its shards are not read)
+    train_file: str = ""
+    val_file: str = ""  # empty: val_fraction of train_file's examples
+    val_fraction: float = 0.1
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"  # a chat: [{role, content}, ...] ending with the assistant's turn
 
 
 @dataclass
@@ -180,6 +206,15 @@ class DistillConfig:
     teacher: str = ""
     temperature: float = 2.0
     alpha: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    # tasks run at every evaluation, logged beside the val loss as eval/NAME/METRIC: "ppl:PATH" (perplexity
+    # and bits/byte of text files or a prepared dataset's val split), "mc:FILE.jsonl" (multiple choice);
+    # see `python -m lm.eval` and lm/eval/spec.py
+    tasks: list[str] = field(default_factory=list)
+    limit: int = 0  # the first N documents / examples of each task; 0: all
 
 
 @dataclass
@@ -207,6 +242,8 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         """Sections and keys as written in TOML (`from_` is `from`)."""
@@ -216,7 +253,8 @@ class Config:
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                   "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig,
-                 "continual": ContinualConfig, "distill": DistillConfig}
+                 "continual": ContinualConfig, "distill": DistillConfig, "eval": EvalConfig,
+                 "sft": SFTConfig}
 
 
 def _key(field_name: str) -> str:
@@ -238,6 +276,7 @@ CHOICES = {
     ("model", "mlp"): ("gelu", "swiglu"),
     ("data", "tokenizer"): ("bpe", "char"),
     ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
+    ("optim", "name"): ("adamw", "sgd", "rmsprop", "muon"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("parallel", "activation_checkpointing"): ("none", "full", "every"),
     ("parallel", "compile"): ("none", "blocks", "model"),
@@ -428,11 +467,25 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.position", f"= 'rope' needs an even head size; the heads have {head_size(m)}")
     if m.rope_theta <= 1:
         bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
+    try:
+        kinds = [kind for kind, _ in parse_augment(cfg.data.augment)]
+    except ValueError as e:
+        bad("data.augment", str(e))
+    if "drop" in kinds and cfg.data.document_mask:
+        bad("data.augment", "'drop' writes EOS into the inputs, which data.document_mask reads as document ends")
     d = cfg.distill
     if d.temperature <= 0:
         bad("distill.temperature", f"= {d.temperature} must be > 0")
     if not 0.0 <= d.alpha <= 1.0:
         bad("distill.alpha", f"= {d.alpha} must be in [0, 1]")
+    if cfg.eval.limit < 0:
+        bad("eval.limit", f"= {cfg.eval.limit} must be >= 0 (0: every document / example)")
+    try:
+        from lm.eval.spec import parse_tasks  # (lm.eval imports this module)
+
+        parse_tasks(cfg.eval.tasks)
+    except ConfigError as e:
+        raise ConfigError(f"{(origins or {}).get('eval.tasks', where)}: eval.tasks: {e}") from None
     if m.share_layers < 1 or m.n_layer % m.share_layers:
         bad("model.share_layers", f"= {m.share_layers} must be >= 1 and divide model.n_layer = {m.n_layer}")
     if m.mlp_hidden < 0:
@@ -459,6 +512,12 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("optim.weight_decay", "optim.grad_clip must be >= 0 and optim.eps > 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         bad("optim.beta1", "and optim.beta2 must be in [0, 1)")
+    if not (o.momentum == -1 or 0 <= o.momentum < 1):
+        bad("optim.momentum", f"= {o.momentum} must be in [0, 1), or -1 for the optimizer's usual value")
+    if o.muon_lr < 0:
+        bad("optim.muon_lr", f"= {o.muon_lr} must be >= 0 (0: optim.lr)")
+    if o.ns_steps < 1:
+        bad("optim.ns_steps", f"= {o.ns_steps} must be >= 1")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_sequences", "keep_checkpoints"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", f"= {getattr(t, key)} must be >= 1")

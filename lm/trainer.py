@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_prep import DataError, TokenReader
+from data_prep import DataError, TokenReader, load_tokenizer
 from lm import checkpoint, plan
 from lm.config import Config, ConfigError, parse_sources, to_toml
+from lm.augment import Augmenter, parse_augment
 from lm.data import MixedStream, Prefetcher, SampleStream, check_same_tokenizer, ensure_prepared
 from lm.distill import Distiller
 from lm.evaluation import Evaluator, validation_sets
@@ -31,6 +32,7 @@ from lm.metrics import MetricsLog, peak_flops
 from lm.optim import LRSchedule, build_optimizer
 from lm.parallel import barrier, build_model, close_world, init_world, mean_across_ranks, resolved_dtype
 from lm.prune import MASKS_FILE, Masks
+from lm.sft import prepare_sft, split_targets
 from lm.stability import Stability
 
 
@@ -74,12 +76,16 @@ class Trainer:
         elif cfg.init.from_ and not (self.sources or cfg.data.val_sets or cfg.init.from_.startswith("hf:")):
             self._print(f"note: the data {cfg.init.from_} was trained on is not here (or has no val split): "
                         "forgetting is not tracked; name it in data.val_sets to track it")
-        self.evaluator = Evaluator(validation_sets(cfg, self.sources, dirs[0], old), cfg, self.world, self.device,
-                                   self._autocast)
+        val_sets = validation_sets(cfg, self.sources, dirs[0], old)
+        self.sft = bool(cfg.sft.train_file)  # prompt/completion examples, packed, instead of the shards
+        if self.sft:
+            self.train_stream, sft_val = prepare_sft(cfg, load_tokenizer(dirs[0]), int(train_reader.meta["eos_id"]))
+            val_sets = [sft_val] if sft_val else []
+        self.evaluator = Evaluator(val_sets, cfg, self.world, self.device, self._autocast)
 
         torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
         self.model = build_model(cfg, self.world, self.device)
-        if cfg.data.document_mask:  # packed documents stay apart, in training and in validation
+        if cfg.data.document_mask or self.sft:  # packed documents stay apart, in training and in validation
             self.model.document_eos = int(train_reader.meta["eos_id"])
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
@@ -88,6 +94,8 @@ class Trainer:
         self.step, self.samples = 0, 0  # completed optimizer steps, global samples consumed
         self.stop_signal = False  # set by SIGTERM/SIGINT on this rank; acted on only through the step's vote
         self.prefetcher = Prefetcher(self.train_stream, cfg.train.batch_size, self.device)
+        self.augment = Augmenter(parse_augment(cfg.data.augment), train_reader.vocab_size,
+                                 int(train_reader.meta["eos_id"]), cfg.train.seed) if cfg.data.augment else None
         self.trainable: list[torch.nn.Parameter] | None = None  # parameters that train now (see freezing)
         resumed = self._start(resume, last_good)
         self.ewc = self._setup_ewc(resumed) if cfg.continual.ewc_batches else None
@@ -210,7 +218,9 @@ class Trainer:
                     f"{t.grad_accum})")
 
     def _restore(self, ckpt: Path, keep_data_cursor: bool):
-        checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), self.cfg)
+        saved = checkpoint.load_config(ckpt)
+        checkpoint.check_shape(ckpt, saved, self.cfg)
+        checkpoint.check_optimizer(ckpt, saved, self.cfg)
         # Only parameters that trained at some step before the checkpoint have optimizer state in it: freeze
         # the others, and drop state made since (a rollback across a phase that unfroze layers).
         step = checkpoint.load_info(ckpt)["step"]
@@ -253,6 +263,10 @@ class Trainer:
         for micro in range(t.grad_accum):
             first = self.samples + micro * per_micro + self.world.rank * t.batch_size
             x, y = self.prefetcher.batch(first, next_first=first + per_micro)  # the next micro-step's, or step's
+            if self.sft:
+                x, y = split_targets(x, y)  # prompt tokens are no targets
+            if self.augment:
+                x = self.augment(x, first)
             if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with self._autocast():
