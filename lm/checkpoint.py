@@ -517,6 +517,21 @@ def check_shape(ckpt: Path, saved: Config, current: Config):
             raise CheckpointError(f"{ckpt}: checkpoint has model.{key} = {a}, the config asks for {b}")
 
 
+def check_optimizer(ckpt: Path, saved: Config, current: Config):
+    """Refuse to load one optimizer's state into another (AdamW's moments are not SGD's momentum), naming
+    the key. Checkpoints older than optim.name were all AdamW, which its default says."""
+    from lm.optim import momentum
+
+    a, b = saved.optim, current.optim
+    if a.name != b.name:
+        raise CheckpointError(f"{ckpt}: checkpoint has optim.name = '{a.name}', the config asks for '{b.name}'; "
+                              "its optimizer state cannot continue another optimizer (keep optim.name, or start a "
+                              "new run from its weights with init.from)")
+    if a.name in ("sgd", "rmsprop") and (momentum(a) > 0) != (momentum(b) > 0):
+        raise CheckpointError(f"{ckpt}: checkpoint has optim.momentum = {momentum(a):g} ({a.name}), the config asks "
+                              f"for {momentum(b):g}; a momentum buffer cannot appear or vanish on resume")
+
+
 def _dcp_load(ckpt: Path, state: dict):
     """DCP's load, after the record's sizes (and the small files' crc32) and the metadata are checked."""
     _verify(ckpt)

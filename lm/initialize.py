@@ -30,16 +30,18 @@ def old_domain(source: str) -> str | None:
 
 
 def load_initial_weights(source: str, model: torch.nn.Module, optimizer, cfg: Config, rank: int):
-    """Weights (and with init.optimizer the AdamW moments) from `source`. The step, the data cursor and
-    the RNG start afresh: this is a new run."""
+    """Weights (and with init.optimizer the optimizer state, of the same optim.name) from `source`. The step,
+    the data cursor and the RNG start afresh: this is a new run."""
     if source.startswith("hf:"):
         directory = Path(source[3:])
         check_hf_shape(directory, read_hf_config(directory), cfg.model)
         load_hf_weights(directory, model)
         return
     ckpt = checkpoint.resolve(source)
-    checkpoint.check_shape(ckpt, checkpoint.load_config(ckpt), cfg)
+    saved = checkpoint.load_config(ckpt)
+    checkpoint.check_shape(ckpt, saved, cfg)
     if cfg.init.optimizer:
+        checkpoint.check_optimizer(ckpt, saved, cfg)
         checkpoint.load_training(ckpt, model, optimizer)
         torch.manual_seed(cfg.train.seed + rank)  # load_training restored the old run's RNG
     else:
