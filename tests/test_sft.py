@@ -103,3 +103,15 @@ def test_prompt_positions_get_no_gradient():
     loss.backward()
     per_position = logits.grad.abs().sum(-1)
     assert (per_position[y == IGNORE] == 0).all() and (per_position[y != IGNORE] > 0).all()
+
+
+@pytest.mark.slow
+def test_sft_bench_smoke(cli, tmp_path):
+    from tests.conftest import ROOT
+
+    out = tmp_path / "sft.json"
+    r = cli("bench/sft.py", "--smoke", "--out", out, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    for name in ("before", "after"):
+        assert 0 < result[name]["completion_loss"] < 20 and 0 <= result[name]["parse_share"] <= 1
