@@ -72,3 +72,17 @@ def test_bad_augment_specs_name_the_key(spec):
 def test_drop_with_document_mask_is_refused():
     with pytest.raises(ConfigError, match="document_mask"):
         load_config(None, ['data.augment=["drop:0.1"]', "data.document_mask=true"])
+
+
+@pytest.mark.slow
+def test_augment_bench_smoke(cli, tmp_path):
+    import json
+
+    from tests.conftest import ROOT
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(2000)))
+    r = cli("bench/augment.py", text, "--smoke", "--out", tmp_path / "a.json", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert set(results) == {"none", "all three"} and all(v["best_val_loss"] > 0 for v in results.values())
