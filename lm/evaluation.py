@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from data_prep import DataError, TokenReader
-from lm.config import Config, parse_val_sets
+from lm.config import Config, ConfigError, parse_val_sets
 from lm.data import SampleStream
+from lm.eval.tasks import run_task, training_tasks
 
 VAL_SEED = 0x5EED  # the windows a validation set is scored on; independent of train.seed
 
@@ -60,6 +61,11 @@ class Evaluator:
         self.sequences, self.batch_size = cfg.train.eval_sequences, cfg.train.batch_size
         self.start: dict[str, float] = {}  # each set's loss at the start of the run
         self.last_loss: float | None = None  # of the first set
+        # `[eval] tasks`, scored at every evaluation by every rank, each a share (lm/eval/scoring.py)
+        self.tasks = training_tasks(cfg)
+        if self.tasks and not sets:
+            raise ConfigError(f"eval.tasks: the tasks run at each validation, and this run has none (no val split "
+                              f"in {cfg.data.dir}; data.val_fraction > 0 gives one)")
 
     @torch.no_grad()
     def loss(self, model, val: ValSet) -> float:
@@ -100,14 +106,21 @@ class Evaluator:
                 record["forgetting"] = record["val/replay_change"]
             if "new" in losses:
                 record["adaptation"] = -record["val/new_change"]
+        for task in self.tasks:
+            metrics = run_task(task, model, self.batch_size, self.device, self.world, self.autocast)
+            record.update({f"eval/{task.name}/{key}": value for key, value in metrics.items()})
         return record
 
     def summary(self, record: dict) -> str:
-        """One line for the console: each set's loss and bits/byte."""
+        """One line for the console: each set's loss and bits/byte, then each task's headline metrics."""
         if not self.sets[0].name:
-            return f"val loss {record['val_loss']:.4f} nats/token, {record['val_bpb']:.4f} bits/byte"
-        return "val " + ", ".join(f"{s.name} {record[f'val/{s.name}_loss']:.4f} "
-                                  f"({record[f'val/{s.name}_bpb']:.4f} bits/byte)" for s in self.sets)
+            line = f"val loss {record['val_loss']:.4f} nats/token, {record['val_bpb']:.4f} bits/byte"
+        else:
+            line = "val " + ", ".join(f"{s.name} {record[f'val/{s.name}_loss']:.4f} "
+                                      f"({record[f'val/{s.name}_bpb']:.4f} bits/byte)" for s in self.sets)
+        for task in self.tasks:
+            line += f"; {task.name} " + " ".join(f"{k} {record[f'eval/{task.name}/{k}']:.4f}" for k in task.headline)
+        return line
 
 
 def bits_per_byte(loss: float, val: ValSet) -> float:

@@ -89,9 +89,9 @@ def score(model, requests: list[Request], batch_size: int, device, *, world=None
             end = len(req.tokens) - 1
             logp = logits[row, end - req.n_score:end].float().log_softmax(-1)
             target = torch.tensor(req.tokens[-req.n_score:], dtype=torch.long, device=device)
-            out[i, 0] = logp.gather(-1, target[:, None]).sum().double()
+            out[i, 0] = logp.gather(-1, target[:, None]).sum()  # tensor writes: no device sync per row
             out[i, 1] = req.n_score
-            out[i, 2] = float(bool((logp.argmax(-1) == target).all()))
+            out[i, 2] = (logp.argmax(-1) == target).all()
     model.train(was_training)
     if size > 1:
         for i, r in enumerate(requests):  # the trivial rows were set on every rank: count them once

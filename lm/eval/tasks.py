@@ -193,3 +193,18 @@ def run_task(task, model, batch_size: int, device, world=None, autocast=None) ->
     if autocast is not None:
         kwargs["autocast"] = autocast
     return task.metrics(score(model, task.requests, batch_size, device, **kwargs))
+
+
+def training_tasks(cfg) -> list:
+    """`[eval] tasks` of a training config, read once at the start with the training data's tokenizer."""
+    if not cfg.eval.tasks:
+        return []
+    from data_prep import load_tokenizer
+    from lm.config import parse_sources
+    from lm.eval.spec import parse_tasks
+
+    directory = Path(([d for _, _, d in parse_sources(cfg.data.sources)] or [cfg.data.dir])[0])
+    tokenizer = load_tokenizer(directory)
+    tokenizer_file = directory / read_meta(directory)["tokenizer"]["file"]
+    return [load_task(s, tokenizer, tokenizer_file, cfg.model.block_size, cfg.eval.limit)
+            for s in parse_tasks(cfg.eval.tasks)]
