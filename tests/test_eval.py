@@ -446,3 +446,10 @@ def test_harness_command_is_lm_evals_with_lmforge_registered(adapter, monkeypatc
     assert harness.main(["--model", "lmforge", "--model_args", "run=R", "--tasks", "t"]) == 0
     assert seen == [["lm_eval", "--model", "lmforge", "--model_args", "run=R", "--tasks", "t"]]
     assert get_model("lmforge") is harness.LMForge
+
+
+def test_mc_delimiter_option_joins_context_and_ending():
+    from lm.eval.spec import parse_task
+
+    assert parse_task("mc:x.jsonl").delimiter == " "  # the harness's default
+    assert parse_task("mc:x.jsonl:delimiter=").delimiter == ""  # code: the context ends in a newline

@@ -3,8 +3,11 @@
     ppl:PATH[:name=N][:stride=S]                       perplexity and bits/byte of PATH: a text file, a
                                                        directory or glob of text (or JSONL) files, or a
                                                        prepared data_prep directory (its val split)
-    mc:FILE.jsonl[:name=N][:context=F][:endings=F][:label=F]
-                                                       multiple choice; the options rename the fields
+    mc:FILE.jsonl[:name=N][:context=F][:endings=F][:label=F][:delimiter=D]
+                                                       multiple choice; the options rename the fields;
+                                                       delimiter joins context and ending (default one
+                                                       space, the harness's; `delimiter=` for none, as code
+                                                       whose context ends in a newline needs)
 
 A task's name (its results' key, `eval/NAME/acc` in training metrics) is the file's stem unless `name=` says
 otherwise. Parsing needs nothing but the string (config validation calls it); reading the files is tasks.py's.
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from lm.config import ConfigError
 
-OPTIONS = {"ppl": ("name", "stride"), "mc": ("name", "context", "endings", "label")}
+OPTIONS = {"ppl": ("name", "stride"), "mc": ("name", "context", "endings", "label", "delimiter")}
 MC_FIELDS = {"context": "context", "endings": "endings", "label": "label"}  # defaults of the mc field options
 _OPTION = re.compile(r"[a-z_]+=.*")
 _NAME = re.compile(r"[\w.-]+")
@@ -40,6 +43,10 @@ class TaskSpec:
     @property
     def stride(self) -> int | None:
         return int(self.options["stride"]) if "stride" in self.options else None
+
+    @property
+    def delimiter(self) -> str:
+        return self.options.get("delimiter", " ")
 
     def field(self, key: str) -> str:
         """The JSONL field an mc task reads for `key` (context, endings, label)."""
@@ -73,7 +80,7 @@ def parse_task(text: str) -> TaskSpec:
                               f"{', '.join(OPTIONS[kind])}){f'; did you mean {match[0]!r}?' if match else ''}")
         if key in options:
             raise ConfigError(f"task '{text}': option '{key}' given twice")
-        if not value:
+        if not value and key != "delimiter":  # an empty delimiter is a choice (none)
             raise ConfigError(f"task '{text}': option '{key}' is empty")
         options[key] = value
     path = ":".join(parts)

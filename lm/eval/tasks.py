@@ -19,7 +19,6 @@ from data_prep import DataError, TokenReader, file_sha256, is_prepared, iter_doc
 from lm.eval.scoring import Request, continuation, default_stride, encode_pair, rolling, score
 from lm.eval.spec import TaskSpec
 
-DELIMITER = " "  # between a context and each ending (lm-evaluation-harness's target_delimiter)
 
 
 class PerplexityTask:
@@ -82,7 +81,7 @@ class ChoiceTask:
         for line, context, endings, _ in self.examples:
             for ending in endings:
                 try:
-                    ctx, cont = encode_pair(tokenizer, context, DELIMITER + ending)
+                    ctx, cont = encode_pair(tokenizer, context, spec.delimiter + ending)
                 except DataError as e:
                     raise DataError(f"{spec.path}: line {line}: {e}") from None
                 self.requests.append(continuation(tokenizer.eos_id, ctx, cont, block_size))
