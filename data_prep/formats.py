@@ -105,3 +105,31 @@ def read_parquet(path: Path, text_field: str, skipped: Tally, strict: bool,
             else:
                 yield value, f"{path}:row {row}"
             row += 1
+
+
+def jsonl_objects(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file of objects (task data, fine-tuning
+    examples); a DataError naming the file and line for an unreadable file, invalid JSON or a non-object.
+    `what` says in the error whose file it is (e.g. "task 'mc:x.jsonl'")."""
+    path = Path(path)
+    about = f" ({what})" if what else ""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file{about}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a JSONL file{about}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record

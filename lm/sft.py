@@ -15,13 +15,12 @@ and evaluator code as pretraining; `split_targets` turns a window into inputs an
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_prep import DataError
+from data_prep import DataError, jsonl_objects
 
 IGNORE = -100
 
@@ -29,25 +28,13 @@ IGNORE = -100
 def read_examples(path: Path, prompt_field: str, completion_field: str, messages_field: str) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of a JSONL file; one line naming file, line and field for a bad one."""
     examples = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object")
+    for number, record in jsonl_objects(path, "sft examples"):
         if messages_field in record:
-            examples.append(_chat(record[messages_field], f"{path}:{number}"))
+            examples.append(_chat(record[messages_field], f"{path}: line {number}"))
             continue
         prompt, completion = record.get(prompt_field), record.get(completion_field)
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-            raise DataError(f"{path}:{number}: needs string fields '{prompt_field}' and a non-empty "
+            raise DataError(f"{path}: line {number}: needs string fields '{prompt_field}' and a non-empty "
                             f"'{completion_field}' (or '{messages_field}')")
         examples.append((prompt, completion))
     if not examples:

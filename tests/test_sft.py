@@ -58,11 +58,11 @@ def test_chat_and_field_errors(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}) + "\n"
                     + json.dumps({"q": "a", "a": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"d.jsonl:2: needs string fields 'prompt'"):
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: needs string fields 'prompt'"):
         read_examples(path, "prompt", "completion", "messages")
     assert read_examples(path, "q", "a", "messages") == [("user: hi\nassistant: ", "hello"), ("a", "b")]
     path.write_text('{"prompt": "x", "completion": "y"}\nnot json\n')
-    with pytest.raises(DataError, match="d.jsonl:2: not JSON"):
+    with pytest.raises(DataError, match="d.jsonl: line 2: not valid JSON"):
         read_examples(path, "prompt", "completion", "messages")
 
 

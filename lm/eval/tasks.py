@@ -11,11 +11,10 @@ metrics.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from data_prep import DataError, TokenReader, file_sha256, is_prepared, iter_documents, read_meta
+from data_prep import DataError, TokenReader, file_sha256, is_prepared, iter_documents, jsonl_objects, read_meta
 from lm.eval.scoring import Request, continuation, default_stride, encode_pair, rolling, score
 from lm.eval.spec import TaskSpec
 
@@ -124,29 +123,11 @@ def read_choices(spec: TaskSpec, limit: int = 0) -> list[tuple[int, str, list[st
     choices, one of their labels ("B"). Field names may be dotted (question.stem)."""
     path = Path(spec.path)
     names = {k: spec.field(k) for k in ("context", "endings", "label")}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file (task '{spec.text}')") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; an mc task reads one JSONL file (task '{spec.text}')") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     out = []
-    for number, text in enumerate(lines, 1):
+    for number, record in jsonl_objects(path, f"task '{spec.text}'"):
         if limit and len(out) == limit:
             break
-        if not text.strip():
-            continue
         where = f"{path}: line {number}"
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         values = {k: _field(record, f) for k, f in names.items()}
         for key, value in values.items():
             if value is None:
