@@ -5,9 +5,11 @@ override), the key, and the closest valid key; `train.py` prints it and exits wi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,9 @@ class OptimConfig:
     muon_lr: float = 0.0
     ns_steps: int = 5  # muon: Newton-Schulz iterations
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # layer-wise lr decay (fine-tuning): block i of n gets lr x decay^(n - i), the embeddings decay^(n + 1), the
+    # final norm and the heads 1; 1.0: off
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -149,6 +154,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "float32", "bfloat16", "float16"
     seed: int = 1337
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    task: str = "lm"  # "lm" (next-token prediction) or "classify" (sequence classification: [classify], lm/classify.py)
 
 
 @dataclass
@@ -199,6 +205,24 @@ class SFTConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    # sequence classification (train.task = "classify", lm/classify.py): a head on the pooled hidden state;
+    # JSONL examples with a text and a label field; tokenizer from init.from, else data.dir
+    train_file: str = ""
+    val_file: str = ""  # empty: val_fraction of train_file's examples, held out per class
+    val_fraction: float = 0.1
+    text_field: str = "text"
+    label_field: str = "label"  # strings (integers read as their text)
+    labels: list[str] = field(default_factory=list)  # the class order; empty: the training labels, sorted
+    max_length: int = 0  # tokens per example with its two EOS (the end of a longer text is cut); 0: model.block_size
+    pooling: str = "last"  # "last" (the closing EOS's hidden state) or "mean" (of the real tokens)
+    class_weights: str | list[float] = ""  # loss weights: "" none, "balanced" (N / (C n_c)), or one per label
+    oversample: bool | list[float] = False  # true: equal class shares per epoch; a list: each label's share
+    metric: str = "macro_f1"  # picks the best checkpoint (RUN/best): macro_f1, accuracy or val_loss
+    patience: int = 0  # stop after this many evaluations without a new best; 0: never stop early
+
+
+@dataclass
 class DistillConfig:
     # knowledge distillation: the loss is alpha * T^2 * KL(teacher || student) at temperature T plus
     # (1 - alpha) * the usual cross-entropy; the teacher (a run or checkpoint of ours, or "hf:DIR") runs
@@ -243,6 +267,7 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -254,7 +279,7 @@ class Config:
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                   "log": LogConfig, "init": InitConfig, "parallel": ParallelConfig, "stability": StabilityConfig,
                  "continual": ContinualConfig, "distill": DistillConfig, "eval": EvalConfig,
-                 "sft": SFTConfig}
+                 "sft": SFTConfig, "classify": ClassifyConfig}
 
 
 def _key(field_name: str) -> str:
@@ -281,6 +306,9 @@ CHOICES = {
     ("parallel", "activation_checkpointing"): ("none", "full", "every"),
     ("parallel", "compile"): ("none", "blocks", "model"),
     ("continual", "ewc_labels"): ("model", "empirical"),
+    ("train", "task"): ("lm", "classify"),
+    ("classify", "pooling"): ("last", "mean"),
+    ("classify", "metric"): ("macro_f1", "accuracy", "val_loss"),
 }
 ROLES = ("new", "replay")
 MAX_PARAMS = 10 ** 12  # 100x the largest preset; beyond it a shape is a mistake, not a model
@@ -368,6 +396,13 @@ def _check_type(where: str, key: str, value, expected):
         value = float(value) if ok else value
     elif expected is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(expected) in (typing.Union, types.UnionType):  # the first type that fits
+        for option in typing.get_args(expected):
+            with contextlib.suppress(ConfigError):
+                return _check_type(where, key, value, option)
+    elif typing.get_origin(expected) is list and typing.get_args(expected) == (float,):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
     elif typing.get_origin(expected) is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
@@ -534,6 +569,10 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
     st = cfg.stability
     if st.rollback_after < 0 or st.spike_zscore < 0 or st.spike_window < 2 or st.loss_scale <= 0:
         bad("stability", "values must be >= 0 (spike_window >= 2, loss_scale > 0)")
+    if not 0 < o.layer_decay <= 1:
+        bad("optim.layer_decay", f"= {o.layer_decay} must be in (0, 1] (1: off)")
+    if t.task == "classify":
+        _validate_classify(cfg, bad)
     if t.threads < 0:
         bad("train.threads", "must be >= 0")
     if cfg.log.interval < 1:
@@ -551,6 +590,35 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("continual.ewc_batches", "continual.ewc_lambda and continual.ewc_gamma must be >= 0")
     if c.ewc_batches and not c.ewc_data and not any(r == "replay" for r, _, _ in parse_sources(cfg.data.sources)):
         bad("continual.ewc_data", "is empty and data.sources has no replay source to estimate the Fisher on")
+
+
+def _validate_classify(cfg: Config, bad):
+    """train.task = "classify": its keys, and the pretraining features it does not combine with."""
+    c, t = cfg.classify, cfg.train
+    if not c.train_file:
+        bad("classify.train_file", "is empty: train.task = 'classify' reads its examples from a JSONL file")
+    if c.max_length and not 3 <= c.max_length <= cfg.model.block_size:
+        bad("classify.max_length", f"= {c.max_length} must be 0 (model.block_size) or in [3, {cfg.model.block_size}]")
+    if not 0.0 <= c.val_fraction < 1.0:
+        bad("classify.val_fraction", f"= {c.val_fraction} must be in [0, 1)")
+    if isinstance(c.class_weights, str) and c.class_weights not in ("", "balanced"):
+        bad("classify.class_weights", f"is '{c.class_weights}'; choose '', 'balanced' or a list of weights")
+    if isinstance(c.class_weights, list) and not all(w > 0 for w in c.class_weights):
+        bad("classify.class_weights", f"= {c.class_weights}: every weight must be > 0")
+    if isinstance(c.oversample, list) and not (all(s >= 0 for s in c.oversample) and sum(c.oversample) > 0):
+        bad("classify.oversample", f"= {c.oversample}: shares must be >= 0 with a positive sum")
+    if c.patience < 0:
+        bad("classify.patience", f"= {c.patience} must be >= 0 (0: never stop early)")
+    if t.checkpoint_interval and t.eval_interval % t.checkpoint_interval:
+        bad("train.checkpoint_interval", "must divide train.eval_interval with train.task = 'classify': the best "
+                                         "evaluation's checkpoint is kept")
+    pretraining = {"data.sources": cfg.data.sources, "data.val_sets": cfg.data.val_sets,
+                   "data.document_mask": cfg.data.document_mask, "data.augment": cfg.data.augment,
+                   "distill.teacher": cfg.distill.teacher, "continual.ewc_batches": cfg.continual.ewc_batches,
+                   "eval.tasks": cfg.eval.tasks, "sft.train_file": cfg.sft.train_file}
+    for key, value in pretraining.items():
+        if value:
+            bad(key, "applies to language modelling; it cannot be combined with train.task = 'classify'")
 
 
 def _toml_value(value) -> str:

@@ -160,11 +160,13 @@ class GPT(nn.Module):
             n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe") if name in self.transformer)
         return n
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, lengths=None):
         """(logits, loss): logits for every position and, with targets, the mean cross-entropy (targets of
         -100 are ignored). With targets and model.loss_chunk > 0 the loss is computed chunk by chunk
         without the whole logits (lm/loss.py) and the logits returned are None. With `document_eos` set
-        (data.document_mask), each packed document attends only to itself and its positions start at 0."""
+        (data.document_mask), each packed document attends only to itself and its positions start at 0.
+        With `lengths` (sequence classification, lm/classify.py: each row's real tokens, right-padded), the
+        logits are `cls_head`'s, one row of class logits per sequence, and the loss is None."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -194,6 +196,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
+        if lengths is not None:  # inside forward, so FSDP gathers the head's weights like the others'
+            return self.cls_head(x, lengths), None
         if targets is None:
             return self.lm_head(x), None
         if self.cfg.loss_chunk and type(self.lm_head) is nn.Linear:  # (not a quantized head: lm.quantize)

@@ -42,6 +42,32 @@ def muon_matrices(model: torch.nn.Module) -> dict[str, list[int] | None]:
             if name.startswith("transformer.h.") and p.dim() >= 2 and p.requires_grad}
 
 
+def layer_scale(name: str, n_blocks: int, decay: float) -> float:
+    """optim.layer_decay's lr factor of parameter `name` (BEiT's layer-wise decay): block i of n gets
+    decay^(n - i), the embeddings (and the tied LM head) decay^(n + 1), the final norm and the task heads 1."""
+    if name.startswith("transformer.h."):
+        return decay ** (n_blocks - int(name.split(".")[2]))
+    if name.startswith(("transformer.wte.", "transformer.wpe.")):
+        return decay ** (n_blocks + 1)
+    return 1.0
+
+
+def layer_decay_groups(groups: list[dict], model: torch.nn.Module, decay: float) -> list[dict]:
+    """Each group split by layer_scale, each part with its "lr_scale" (the trainer sets lr x lr_scale);
+    unchanged when decay is 1."""
+    if decay == 1.0:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    n_blocks = len(model.transformer.h)
+    out = []
+    for group in groups:
+        parts: dict[float, list] = {}
+        for p in group["params"]:
+            parts.setdefault(layer_scale(names[id(p)], n_blocks, decay), []).append(p)
+        out += [{**group, "params": params, "lr_scale": scale} for scale, params in sorted(parts.items())]
+    return out
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """optim.name's optimizer. Weight decay on 2-D weights (matmuls, embeddings) only, never on biases or norm
     gains, whose scale is not noise: decoupled (p -= lr * wd * p) in AdamW and Muon, torch's L2 term added
@@ -63,14 +89,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
             {"params": [p for n, p in named if n not in hidden and p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        groups = layer_decay_groups([g for g in groups if g["params"]], model, cfg.layer_decay)
+        return Muon(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                     momentum=mu, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
                     lr_ratio=(cfg.muon_lr or cfg.lr) / cfg.lr, fused=fused)
     groups = [
         {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
-    groups = [g for g in groups if g["params"]]
+    groups = layer_decay_groups([g for g in groups if g["params"]], model, cfg.layer_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=mu, nesterov=cfg.nesterov and mu > 0)
     if cfg.name == "rmsprop":

@@ -124,17 +124,27 @@ def build_model(cfg: Config, world: World, device: torch.device):
     from lm.model import GPT
 
     if not world.distributed:
-        model = GPT(cfg.model, seed=cfg.train.seed).to(device)
+        model = _with_task_head(GPT(cfg.model, seed=cfg.train.seed), cfg).to(device)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
         _compile(model, cfg)
         return model
     with torch.device("meta"):
-        model = GPT(cfg.model, seed=cfg.train.seed)
+        model = _with_task_head(GPT(cfg.model, seed=cfg.train.seed), cfg)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
     _compile(model, cfg)
     shard(model, cfg, device, device_mesh(cfg, device))
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
+    return model
+
+
+def _with_task_head(model, cfg: Config):
+    """train.task = "classify": the classification head (lm/classify.py) joins the model before it is placed
+    or sharded (FSDP2's root unit holds it), initialized like every parameter, by name and seed."""
+    if cfg.train.task == "classify":
+        from lm.classify import attach_head
+
+        attach_head(model, cfg)
     return model
 
 

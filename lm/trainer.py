@@ -49,6 +49,14 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
+    def __new__(cls, cfg: Config, *args, **kwargs):
+        """A train.task = "classify" config gets the classification trainer (lm/classify.py), a subclass."""
+        if cls is Trainer and cfg.train.task == "classify":
+            from lm.classify import ClassifyTrainer
+
+            cls = ClassifyTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: Config, resume: bool = False, last_good: bool = False):
         """`resume`: continue from the newest checkpoint in train.out_dir; `last_good`: if the newest is
         damaged, from the newest intact one."""
@@ -186,7 +194,7 @@ class Trainer:
             if resume:
                 self._print(f"--resume: {self.run_dir} has no checkpoint yet, starting from step 0")
             if self.cfg.init.from_:
-                load_initial_weights(self.cfg.init.from_, self.model, self.optimizer, self.cfg, self.world.rank)
+                self._initial_weights()
                 self._print(f"initialized weights from {self.cfg.init.from_}")
         if self.world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +262,7 @@ class Trainer:
         t = self.cfg.train
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.layer_decay's per-layer factor
         if self.freezing.apply(self.model, self.freezing.frozen_blocks(self.step)) or self.trainable is None:
             self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         scale = self.stability.loss_scale
@@ -270,7 +278,7 @@ class Trainer:
             if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with self._autocast():
-                loss = self.distiller.loss(self.model, x, y) if self.distiller else self.model(x, y)[1]
+                loss = self._loss(x, y)
             (loss * scale / t.grad_accum).backward()
             loss_sum += loss.detach()
         self.samples += per_micro * t.grad_accum
@@ -312,11 +320,24 @@ class Trainer:
         self._print(f"rolled back to {found[-1]} (rollback {self.stability.rollbacks}); "
                     f"lr scale {self.schedule.scale:g}")
 
+    def _loss(self, x, y) -> torch.Tensor:
+        """The micro-batch's loss (lm.classify overrides it)."""
+        return self.distiller.loss(self.model, x, y) if self.distiller else self.model(x, y)[1]
+
+    def _initial_weights(self):
+        """init.from's weights at the start of a new run (lm.classify overrides it)."""
+        load_initial_weights(self.cfg.init.from_, self.model, self.optimizer, self.cfg, self.world.rank)
+
     # ---- evaluation and checkpoints -----------------------------------------------------------------
+    def _extra_info(self) -> dict:
+        """More entries for checkpoint.json (lm.classify: its best-checkpoint state)."""
+        return {}
+
     def save(self, train_loss: float) -> Path:
         info = {"samples": self.samples, "world_size": self.world.size, **self.stability.state_dict(),
                 "schedule": self.schedule.state_dict(), "train_loss": train_loss,
-                "val_loss": self.evaluator.last_loss, "params": self.num_params, "val_start": self.evaluator.start}
+                "val_loss": self.evaluator.last_loss, "params": self.num_params, "val_start": self.evaluator.start,
+                **self._extra_info()}
         return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
                                self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
                                keep_every=self.cfg.train.keep_every)
@@ -378,7 +399,7 @@ class Trainer:
                 stopping = self.step == stop_at_step or out["stop"]
                 busy = False  # evaluation and saving are not training: kept out of tokens/s
                 if self.step % t.eval_interval == 0 or last:
-                    self.log_eval(bar)
+                    stopping = bool(self.log_eval(bar)) or stopping  # True: stop early (lm.classify)
                     busy = True
                 if self.step % ckpt_every == 0 or last or stopping:
                     self.save(loss)
@@ -396,7 +417,8 @@ class Trainer:
                 signal.signal(s, handler)
         val = self.evaluator.last_loss
         return {"step": self.step, "train_loss": loss, "val_loss": val, "skipped": self.stability.skipped,
-                "val_bpb": None if val is None else val / math.log(2) / self.evaluator.sets[0].bytes_per_token}
+                "val_bpb": None if val is None or not self.evaluator.sets else
+                val / math.log(2) / self.evaluator.sets[0].bytes_per_token}
 
     def _log_step(self, out: dict, tok_s: float, mfu: float | None):
         record = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
