@@ -20,7 +20,6 @@ gets fewer slots than it has examples, so the majority class is never undersampl
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep import DataError
+from data_prep import DataError, jsonl_objects
 from lm.config import Config, ConfigError
 
 VAL_SEED = 0x5EED  # the examples held out when classify.val_file is empty: the same for any train.seed
@@ -63,22 +62,8 @@ def label_text(value, where: str) -> str:
 def read_examples(path: str | Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
     """(texts, labels) of a JSONL file; a bad line is one error naming the file, the line and the field."""
     texts, labels = [], []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object")
+    for number, record in jsonl_objects(path, "classification examples"):
+        where = f"{path}: line {number}"
         for name in (text_field, label_field):
             if name not in record:
                 raise DataError(f"{where}: has no field '{name}' (its fields: {', '.join(map(str, record)) or 'none'})")

@@ -223,7 +223,7 @@ def test_init_from_a_hugging_face_directory(setup, tmp_path):
 
 def test_mistakes_are_named(setup, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "the fox", "label": "a"}, {"text": "a dog"}])
-    with pytest.raises(DataError, match=r"bad.jsonl:2: has no field 'label'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: has no field 'label'"):
         Trainer(classify_cfg(setup, tmp_path / "r", f"classify.train_file={bad}"))
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "the fox", "label": "zebra"}])
     with pytest.raises(DataError, match="label 'zebra' is not among the training labels"):
