@@ -72,11 +72,17 @@ def to_device(tokens: torch.Tensor, device: torch.device):
 class Prefetcher:
     """Reads the next micro-batch on a background thread while the current one computes. A batch is a pure
     function of its first sample index, so the one prepared ahead is exactly the one the loop asks for
-    next; when the loop asks for another (after a rollback), it is read on the spot."""
+    next; when the loop asks for another (after a rollback), it is read on the spot.
 
-    def __init__(self, stream, count: int, device: torch.device):
+    The thread pays on a GPU, whose work it overlaps. On a CPU the step already keeps every core busy: a
+    reader thread would only take cycles (and the GIL) from it, so there (`background` None: by device)
+    each batch is read when asked for."""
+
+    def __init__(self, stream, count: int, device: torch.device, background: bool | None = None):
         self.stream, self.count, self.device = stream, count, device
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch")
+        if background is None:
+            background = device.type == "cuda"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prefetch") if background else None
         self.ahead: tuple[int, Future] | None = None
 
     def _read(self, first: int) -> torch.Tensor:
@@ -86,11 +92,13 @@ class Prefetcher:
         """The batch starting at sample `first`; starts reading the one at `next_first`."""
         ahead, self.ahead = self.ahead, None
         tokens = ahead[1].result() if ahead is not None and ahead[0] == first else self._read(first)
-        self.ahead = (next_first, self.pool.submit(self._read, next_first))
+        if self.pool is not None:
+            self.ahead = (next_first, self.pool.submit(self._read, next_first))
         return to_device(tokens, self.device)
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class MixedStream:

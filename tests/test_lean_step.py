@@ -30,9 +30,11 @@ def config(data, out, *extra):
                        [*TINY, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", *extra])
 
 
-def test_prefetched_batches_equal_direct_reads_in_order_and_out_of_order(data):
+@pytest.mark.parametrize("background", [True, None], ids=["thread", "cpu default: on the spot"])
+def test_prefetched_batches_equal_direct_reads_in_order_and_out_of_order(data, background):
     stream = SampleStream(TokenReader(data, "train"), 32, 7, "train")
-    prefetcher = Prefetcher(stream, 4, torch.device("cpu"))
+    prefetcher = Prefetcher(stream, 4, torch.device("cpu"), background=background)
+    assert (prefetcher.pool is not None) == bool(background)
     try:
         for first, ahead in [(0, 4), (4, 8), (8, 12), (100, 104), (104, 108), (4, 8)]:  # (100, 4): a jump
             x, y = prefetcher.batch(first, next_first=ahead)
