@@ -40,9 +40,9 @@ from lm.config import Config, ConfigError
 from lm.freeze import Freezing
 from lm.initialize import load_initial_weights
 from lm.optim import LRSchedule, build_optimizer
-from lm.parallel import build_model, init_world, resolved_dtype
+from lm.parallel import build_model
 from lm.stability import Stability
-from lm.trainer import Trainer, pick_device
+from lm.trainer import Trainer
 
 LABELS_FILE = "labels.json"
 BEST_DIR = "best"
@@ -250,13 +250,7 @@ class ClassifyTrainer(Trainer):
     FSDP with classification batches, loss and evaluation. `Trainer(cfg)` builds one for such a config."""
 
     def __init__(self, cfg: Config, resume: bool = False, last_good: bool = False):
-        self.cfg = cfg
-        self.world = init_world(cfg.train.device)
-        self.device = pick_device(cfg.train.device, self.world.local_rank)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.dtype = resolved_dtype(cfg, self.device)
-        self.run_dir = Path(cfg.train.out_dir)
+        self._join(cfg)
         self.sources = []
 
         tokenizer, self.tokenizer_file = classifier_tokenizer(cfg)

@@ -183,7 +183,7 @@ class Batcher:
         return (ids, lengths), torch.from_numpy(self.examples.labels[index]).to(self.device)
 
     def close(self):
-        pass
+        """Nothing to release: batches are built when asked for (no reader thread)."""
 
 
 def class_weights(spec, counts: np.ndarray, labels: list[str]) -> np.ndarray | None:

@@ -60,13 +60,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, last_good: bool = False):
         """`resume`: continue from the newest checkpoint in train.out_dir; `last_good`: if the newest is
         damaged, from the newest intact one."""
-        self.cfg = cfg
-        self.world = init_world(cfg.train.device)
-        self.device = pick_device(cfg.train.device, self.world.local_rank)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.dtype = resolved_dtype(cfg, self.device)
-        self.run_dir = Path(cfg.train.out_dir)
+        self._join(cfg)
 
         self.sources = parse_sources(cfg.data.sources)
         if self.world.main and not self.sources:
@@ -114,6 +108,16 @@ class Trainer:
                         f"alpha = {cfg.distill.alpha:g})")
 
     # ---- set-up -------------------------------------------------------------------------------------
+    def _join(self, cfg: Config):
+        """This process's part of the run: the process group, device, threads, compute dtype, run dir."""
+        self.cfg = cfg
+        self.world = init_world(cfg.train.device)
+        self.device = pick_device(cfg.train.device, self.world.local_rank)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.dtype = resolved_dtype(cfg, self.device)
+        self.run_dir = Path(cfg.train.out_dir)
+
     def _resolve_vocab(self, reader: TokenReader, data_dir: Path):
         vocab = reader.vocab_size
         if self.cfg.model.vocab_size == 0:
