@@ -10,6 +10,7 @@ from .tally import Tally
 
 # Cc characters except \t \n \r: C0 controls, DEL and the C1 block.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str every surrogate is lone (pairs decode to one character)
 NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 
 
@@ -40,6 +41,14 @@ class Cleaner:
 
     def clean(self, text: str, source: str) -> str | None:
         cfg = self.config
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (JSON's "\ud800" escape) is no character: it has no UTF-8 bytes and the
+                # encoders refuse it. Always replaced, even with cleaning off.
+                text = _SURROGATE.sub("\ufffd", text)
+                self.modified.add("lone_surrogates_replaced", source)
         if cfg.normalize and not unicodedata.is_normalized(cfg.normalize, text):
             text = unicodedata.normalize(cfg.normalize, text)
             self.modified.add("unicode_normalized", source)

@@ -1,11 +1,13 @@
-"""Pass 1 of prepare: decide every document's fate while streaming, holding no text but a bounded sample.
+"""Decide every document's fate while streaming, holding no text (prepare's encoding pass asks as it reads).
 
 For each document (numbered by its position in the deterministic source stream) the plan records one
 byte: dropped, train or val. Cleaning drops empty/short documents; exact and near duplicates within a
 split are dropped (per `dedup`); a val document that matches a train document (exact or near) is
 leakage and is removed (or only counted, per `leakage`). Every decision is counted in a Tally with an
-example source for the manifest. A bounded, hash-selected sample of text is kept for training the
-tokenizer (val documents are filtered out of it at the end).
+example source for the manifest. A train document's side is final when add() returns; a val document
+can still be removed by a later train copy, and finish() may move one document across in tiny corpora
+(then DocumentPlan.adjusted is set). TokenizerSample keeps the bounded, hash-selected text the tokenizer
+is trained on.
 """
 from __future__ import annotations
 
@@ -41,38 +43,46 @@ class DocumentPlan:
     removed: dict = field(default_factory=dict)  # reason -> {"count", "example"}
     modified: dict = field(default_factory=dict)
     documents_seen: int = 0
+    adjusted: bool = False  # finish() changed a side that add() had given (or chose position mode)
 
     @property
     def kept(self) -> int:
         return int(np.count_nonzero(self.side))
 
 
-class _Sample:
-    """The train documents with the smallest seeded hash keys, up to `budget` characters."""
+class TokenizerSample:
+    """The documents with the smallest seeded hashes of their text, up to `budget` characters (None: all):
+    a sample that does not depend on input order. Copies of a sampled text are offered once."""
 
     def __init__(self, budget: int | None, seed: int):
         self.budget, self.seed = budget, seed
         self._heap: list[tuple[int, int, str]] = []  # (-key, ordinal, text): a max-heap on key
+        self._held: set[int] = set()
         self.chars = 0
 
-    def offer(self, ordinal: int, text: str, key: bytes) -> None:
+    def offer(self, ordinal: int, text: str) -> None:
+        key = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(self.seed).encode()).digest()
+        k = int.from_bytes(key, "big")
+        if k in self._held:
+            return
         if self.budget is not None and len(text) > self.budget:
             text = text[:self.budget]
-        k = int.from_bytes(hashlib.blake2b(key, digest_size=8, key=str(self.seed).encode()).digest(), "big")
         heapq.heappush(self._heap, (-k, ordinal, text))
+        self._held.add(k)
         self.chars += len(text)
         while self.budget is not None and self.chars > self.budget and len(self._heap) > 1:
-            self.chars -= len(heapq.heappop(self._heap)[2])
+            k_out, _, t_out = heapq.heappop(self._heap)
+            self._held.discard(-k_out)
+            self.chars -= len(t_out)
 
-    def texts(self, keep) -> list[str]:
-        """Sample texts of ordinals for which keep(ordinal) is true, in stream order."""
-        return [t for _, o, t in sorted(self._heap, key=lambda e: e[1]) if keep(o)]
+    def texts(self) -> list[str]:
+        """The sampled texts in stream order."""
+        return [t for _, o, t in sorted(self._heap, key=lambda e: e[1])]
 
 
 class Planner:
     def __init__(self, cleaner: Cleaner, val_fraction: float, seed: int, dedup: str = "near",
-                 leakage: str = "remove", minhash: MinHashConfig = MinHashConfig(),
-                 sample_chars: int | None = None, want_alphabet: bool = False):
+                 leakage: str = "remove", minhash: MinHashConfig = MinHashConfig()):
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if dedup not in DEDUP_MODES:
@@ -90,20 +100,22 @@ class Planner:
         use_near = dedup == "near" or (leakage != "off" and val_fraction > 0)
         self._hasher = MinHasher(minhash) if use_near else None
         self._lsh = LSHIndex(minhash) if use_near else None
-        self.sample = _Sample(sample_chars, seed)
-        self.alphabet: set[str] | None = set() if want_alphabet else None
 
     def _alive(self, ordinal: int) -> bool:
         return self._side[ordinal] != DROP
 
-    def add(self, doc: Document) -> None:
+    def side(self, ordinal: int) -> int:
+        return self._side[ordinal]
+
+    def add(self, doc: Document) -> str | None:
+        """Plan the next document; its cleaned text when it is kept (for now, if val), else None."""
         ordinal = len(self._side)
         text = self.cleaner.clean(doc.text, doc.source)
         if text is None:
             self._side.append(DROP)
             self._score.append(0.0)
             self._chars.append(0)
-            return
+            return None
         score = val_score(self.seed, Document(text, doc.source)) if self.val_fraction > 0 else 1.0
         side = VAL if score < self.val_fraction else TRAIN
         self._side.append(side)
@@ -122,15 +134,12 @@ class Planner:
                 if near:
                     self._resolve(ordinal, near, "near", doc.source)
         if self._side[ordinal] == DROP:
-            return
+            return None
         # Usually one kept document per text: an int; a list only when copies are kept (dedup off).
         self._exact[key] = ordinal if not held else [*((held,) if isinstance(held, int) else held), ordinal]
         if sig is not None:
             self._lsh.add(ordinal, sig)
-        # Val documents are offered too and filtered at the end: a side can still change (finish()).
-        self.sample.offer(ordinal, text, key)
-        if self.alphabet is not None:
-            self.alphabet.update(text)
+        return text
 
     def _resolve(self, ordinal: int, others: list[int], kind: str, source: str) -> None:
         """Handle the current document matching earlier kept ones (`kind`: "exact" or "near")."""
@@ -165,8 +174,9 @@ class Planner:
                 side[kept[np.argmin(scores[kept])]] = VAL
             if not np.any(side[kept] == TRAIN):
                 side[kept[np.argmax(scores[kept])]] = TRAIN
-        plan = DocumentPlan(side=side, split_mode=mode, removed=removed,
-                            modified=self.cleaner.modified.to_json(), documents_seen=len(side))
+        adjusted = mode == "position" or not np.array_equal(side, np.frombuffer(bytes(self._side), dtype=np.uint8))
+        plan = DocumentPlan(side=side, split_mode=mode, removed=removed, modified=self.cleaner.modified.to_json(),
+                            documents_seen=len(side), adjusted=adjusted)
         if mode == "position":
             n = self._chars[int(kept[0])]
             if n < 2:
@@ -174,9 +184,3 @@ class Planner:
             plan.cut = min(max(int(n * (1.0 - self.val_fraction)), 1), n - 1)
             side[kept[0]] = TRAIN
         return plan
-
-    def tokenizer_texts(self, plan: DocumentPlan) -> list[str]:
-        """The tokenizer's training sample: train documents only (position mode: the train part)."""
-        if plan.split_mode == "position":
-            return [t[:plan.cut] for t in self.sample.texts(lambda o: True)]
-        return self.sample.texts(lambda o: plan.side[o] == TRAIN)

@@ -1,10 +1,9 @@
-"""Build a prepared dataset in two streaming passes over the sources.
+"""Build a prepared dataset: get the tokenizer, then one streaming pass that plans and encodes (stream.py).
 
-Pass 1 (plan.py) cleans, splits and deduplicates every document and samples text for the tokenizer;
-only per-document decisions and the sample stay in memory. Pass 2 re-reads the sources, cleans again
-(deterministic), and encodes the kept documents in ordered chunks on worker processes into shards.
-Everything is built in `<out>.tmp-prepare/` (see workdir.py): an interrupted run resumes from its last
-complete shard, and only the final rename publishes the dataset.
+The tokenizer is reused (`tokenizer_dir`) or trained first on a bounded, hash-selected sample of the
+cleaned train-side documents, read in a pass of its own. Everything is built in `<out>.tmp-prepare/` (see
+workdir.py): an interrupted run resumes from its last complete shard, and only the final rename publishes
+the dataset.
 """
 from __future__ import annotations
 
@@ -12,29 +11,23 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from .cleaning import CleanConfig, Cleaner
 from .dedup import MinHashConfig
-from .encode import ParallelEncoder
 from .errors import DataError
 from .fileio import atomic_write_json, file_sha256
-from .plan import DROP, TRAIN, Planner, val_score
-from .shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, META_FILE, ShardWriter, dtype_for_vocab
+from .plan import DROP, TRAIN, VAL, Planner, TokenizerSample, val_score
+from .shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, META_FILE, dtype_for_vocab
 from .sources import Document, SourceStats, expand_placeholders, iter_files, list_files
-from .tokenizer import (TOKENIZER_KINDS, Tokenizer, load_tokenizer, split_for_encoding, tokenizer_classes,
-                        train_tokenizer)
+from .stream import FAIL_AFTER_ENV, SEGMENT_CHARS, EncodePass, is_single_document, position_cut  # noqa: F401
+from .tokenizer import TOKENIZER_KINDS, Tokenizer, load_tokenizer, tokenizer_classes, train_tokenizer
 from .workdir import WorkDir, fingerprint
 
 MANIFEST_FILE = "manifest.json"
-CHUNK_CHARS = 1 << 20  # documents per encode chunk: about 1M characters, never one huge string
-CHUNK_DOCS = 4096
-SEGMENT_CHARS = 1 << 16  # huge documents are encoded in line-aligned pieces of about this size
 DEFAULT_SAMPLE_BYTES = 200_000_000
-FAIL_AFTER_ENV = "LMFORGE_PREPARE_FAIL_AFTER_SHARDS"  # test hook: simulate a kill after K new shards
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
@@ -118,15 +111,12 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     resumed = work.open(fingerprint(config, files))
     config["files"], config["excluded_files"] = files, listing.excluded
     try:
-        tok, tok_path, info = _pass1(work, config, clean_cfg, minhash, reused, show_progress)
-        meta = _pass2(work, config, clean_cfg, tok, tok_path, info, workers, show_progress)
+        tok, tok_path, trained_on = _tokenizer(work, config, clean_cfg, reused, show_progress)
+        meta, info = _encode(work, config, clean_cfg, minhash, tok, tok_path, trained_on, workers, show_progress)
         meta["source"].update(seconds=round(time.time() - t0, 2), resumed=resumed, workers=workers)
         atomic_write_json(work.path / MANIFEST_FILE, _manifest(config, info, meta))
         atomic_write_json(work.path / META_FILE, meta)  # last: its presence means "prepared"
-        (work.path / "state.json").unlink()
-        (work.path / "plan.npy").unlink()
-        work.close()
-        (work.path / "lock").unlink()
+        work.finish()
         _publish(work.path, out, overwrite)
     except DataError:
         # Bad input or settings fail the same way on a rerun: nothing worth keeping.
@@ -143,157 +133,114 @@ def _tokenizer_file_sha(directory: Path) -> str:
     return file_sha256(directory / tok.file_name)
 
 
-def _documents(config: dict, stats: SourceStats | None = None) -> Iterator[Document]:
-    return iter_files(config["files"], config["text_field"], stats=stats, strict=config["strict"])
+def _empty_corpus(config: dict, stats: SourceStats, documents_read: int) -> DataError:
+    return DataError(f"empty corpus: {' '.join(config['inputs'])} ({stats.files} files, {documents_read} documents "
+                     f"read, none left after cleaning; {stats.skipped.total()} files/records skipped)")
 
 
-def _pass1(work: WorkDir, config: dict, clean_cfg: CleanConfig, minhash: MinHashConfig, reused: Path | None,
-           show_progress: bool) -> tuple[Tokenizer, Path, dict]:
-    """Plan every document and get the tokenizer (both kept in the work dir, so a resume skips this)."""
-    loaded = work.load_plan()
-    if loaded is not None:
-        side, info = loaded
-        info["side"] = side
-        path = work.path / info["tokenizer_file"]
-        return tokenizer_classes()[path.name].load(path), path, info
-    stats = SourceStats()
+def _tokenizer(work: WorkDir, config: dict, clean_cfg: CleanConfig, reused: Path | None,
+               show_progress: bool) -> tuple[Tokenizer, Path, str]:
+    """The run's tokenizer, saved in the work dir (a resumed run loads it from there)."""
+    saved = work.state.get("tokenizer")
+    if saved and (work.path / saved["file"]).is_file():
+        path = work.path / saved["file"]
+        return tokenizer_classes()[path.name].load(path), path, saved["trained_on"]
     kind = config["tokenizer"]
-    planner = Planner(Cleaner(clean_cfg), config["val_fraction"], config["seed"], config["dedup"], config["leakage"],
-                      minhash, sample_chars=None if reused else config["sample_bytes"],
-                      want_alphabet=reused is None and kind == "char")
-    for doc in tqdm(_documents(config, stats), desc="plan", unit="doc", disable=not show_progress):
-        planner.add(doc)
-    plan = planner.finish()
-    if plan.kept == 0:
-        raise DataError(f"empty corpus: {' '.join(config['inputs'])} ({stats.files} files, "
-                        f"{plan.documents_seen} documents read, none left after cleaning; "
-                        f"{stats.skipped.total()} files/records skipped)")
     if reused is not None:
-        tok = load_tokenizer(reused)
-        trained_on = f"reused from {reused}"
+        tok, trained_on = load_tokenizer(reused), f"reused from {reused}"
     elif kind == "char":
         # The alphabet comes from every document: an unseen character in val would otherwise make
         # preparation fail outright, and a character set leaks nothing about val's content.
-        tok = train_tokenizer("char", ["".join(sorted(planner.alphabet))], 0)
-        trained_on = "all documents (alphabet)"
+        texts, chars = _sample(config, clean_cfg, show_progress, alphabet=True)
+        tok, trained_on = train_tokenizer("char", texts, 0), "all documents (alphabet)"
     else:
-        texts = planner.tokenizer_texts(plan)
+        texts, chars = _sample(config, clean_cfg, show_progress)
         tok = train_tokenizer(kind, texts, config["vocab_size"], config["special_tokens"], show_progress)
-        trained_on = f"train split sample ({sum(len(t) for t in texts)} characters, {len(texts)} documents)"
+        trained_on = f"train split sample ({chars} characters, {len(texts)} documents)"
     tok_path = tok.save(work.path)
-    info = {
-        "tokenizer_file": tok_path.name, "trained_on": trained_on, "split_mode": plan.split_mode, "cut": plan.cut,
-        "removed": plan.removed, "modified": plan.modified, "skipped": stats.skipped.to_json(),
-        "documents_seen": plan.documents_seen, "files": stats.files, "bytes": stats.bytes,
-        "excluded_files": config["excluded_files"],
-    }
-    work.save_plan(plan.side, info)
-    info["side"] = plan.side
-    return tok, tok_path, info
+    work.state["tokenizer"] = {"file": tok_path.name, "trained_on": trained_on}
+    work.save()
+    return tok, tok_path, trained_on
 
 
-def _chunks(config: dict, clean_cfg: CleanConfig, info: dict, start: dict[str, int], meta_out: list,
-            splittable: bool):
-    """Yield lists of texts to encode; for each, append ([(split, ordinal, source, last), ...], texts) to
-    meta_out. A huge document becomes several consecutive texts (`last` marks its final one)."""
-    side, cut, position = info["side"], info["cut"], info["split_mode"] == "position"
-    cleaner = Cleaner(clean_cfg)
-    texts, where, size = [], [], 0
-    for ordinal, doc in enumerate(_documents(config)):
-        s = side[ordinal] if ordinal < len(side) else DROP
-        if s == DROP:
-            continue
-        if position:
-            parts = [("train", ordinal), ("val", ordinal)]
-        else:
-            parts = [("train" if s == TRAIN else "val", ordinal)]
-        parts = [p for p in parts if ordinal >= start[p[0]]]
-        if not parts:
-            continue  # already in a completed shard of a resumed run
+def _sample(config: dict, clean_cfg: CleanConfig, show_progress: bool, alphabet: bool = False) -> tuple[list[str], int]:
+    """(texts, characters) to train the tokenizer on: cleaned train-side documents (the train part of a
+    single document), sampled by hash up to sample_bytes; with `alphabet`, one text of every character."""
+    cleaner, stats = Cleaner(clean_cfg), SourceStats()
+    sample = TokenizerSample(None if alphabet else config["sample_bytes"], config["seed"])
+    single, vf, seen = is_single_document(config["files"]), config["val_fraction"], 0
+    chars: set[str] = set()
+    kept = 0
+    documents = iter_files(config["files"], config["text_field"], stats=stats, strict=config["strict"])
+    for ordinal, doc in enumerate(tqdm(documents, desc="sample", unit="doc", disable=not show_progress)):
+        seen += 1
         text = cleaner.clean(doc.text, doc.source)
-        for split, _ in parts:
-            piece = text if not position else (text[:cut] if split == "train" else text[cut:])
-            segments = split_for_encoding(piece, SEGMENT_CHARS) if splittable else [piece]
-            for k, seg in enumerate(segments):
-                texts.append(seg)
-                where.append((split, ordinal, doc.source, k == len(segments) - 1))
-                size += len(seg)
-        if size >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
-            meta_out.append((where, texts))
-            yield texts
-            texts, where, size = [], [], 0
-    if texts:
-        meta_out.append((where, texts))
-        yield texts
+        if text is None:
+            continue
+        kept += 1
+        if alphabet:
+            chars.update(text)
+        elif single:
+            sample.offer(ordinal, text[:position_cut(len(text), vf, doc.source)] if vf > 0 else text)
+        elif vf == 0 or val_score(config["seed"], Document(text, doc.source)) >= vf:
+            sample.offer(ordinal, text)
+    if kept == 0:
+        raise _empty_corpus(config, stats, seen)
+    if alphabet:
+        return ["".join(sorted(chars))], len(chars)
+    return sample.texts(), sample.chars
 
 
-def _pass2(work: WorkDir, config: dict, clean_cfg: CleanConfig, tok: Tokenizer, tok_path: Path, info: dict,
-           workers: int, show_progress: bool) -> dict:
-    """Encode the kept documents into shards, saving progress after every completed shard."""
+def _encode(work: WorkDir, config: dict, clean_cfg: CleanConfig, minhash: MinHashConfig, tok: Tokenizer,
+            tok_path: Path, trained_on: str, workers: int, show_progress: bool) -> tuple[dict, dict]:
+    """Plan and encode every document into shards; (meta.json, what the manifest needs)."""
+    single, vf = is_single_document(config["files"]), config["val_fraction"]
+
+    def parts(text: str, side: int, source: str, position: bool) -> list[tuple[str, str]]:
+        if position and vf > 0:
+            cut = position_cut(len(text), vf, source)
+            return [("train", text[:cut]), ("val", text[cut:])]
+        return [("train" if side == TRAIN or position else "val", text)]
+
+    # One document has nothing to deduplicate against: the planner only cleans and counts it.
+    planner = Planner(Cleaner(clean_cfg), vf, config["seed"], "none" if single else config["dedup"],
+                      "off" if single else config["leakage"], minhash)
+
+    def decide(ordinal: int, doc: Document) -> list[tuple[str, str]]:
+        text = planner.add(doc)
+        return [] if text is None else parts(text, planner.side(ordinal), doc.source, single)
+
     dtype = dtype_for_vocab(tok.vocab_size)
-    splits = ["train", "val"] if info["split_mode"] != "none" else ["train"]
-    progress = {s: work.split_progress(s) for s in splits}
-    for s in splits:
-        if any(not (work.path / sh["file"]).is_file() for sh in progress[s]["shards"]):
-            progress[s].update(shards=[], next=0, bytes=0)  # damaged progress: redo this split
-            work.split_progress(s)
-    writers = {s: ShardWriter(work.path, s, dtype, tok.eos_id, shard_tokens=config["shard_tokens"],
-                              shards=progress[s]["shards"]) for s in splits}
-    nbytes = {s: progress[s]["bytes"] for s in splits}
-    start = {s: progress[s]["next"] for s in splits}
-    fail_after = int(os.environ.get(FAIL_AFTER_ENV) or 0)
-    new_shards = 0
-    pending: list = []  # (where, texts) of chunks submitted and not yet written
+    encoder = EncodePass(work, config, tok, tok_path, dtype, workers, show_progress)
     try:
-        with ParallelEncoder(tok, tok_path, workers) as enc, \
-                tqdm(desc="encode", unit="doc", disable=not show_progress) as bar:
-            results = enc.map(_chunks(config, clean_cfg, info, start, pending, tok.splits_at_lines))
-            partial: list[np.ndarray] = []  # ids of a document whose remaining segments are still coming
-            while True:
-                try:
-                    flat, lengths, doc_bytes = next(results)
-                except StopIteration:
-                    break
-                except DataError:
-                    _explain(tok, pending[0])
-                    raise
-                where, _ = pending.pop(0)
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                for k, (split, ordinal, _source, last) in enumerate(where):
-                    nbytes[split] += int(doc_bytes[k])
-                    partial.append(flat[offsets[k]:offsets[k + 1]])
-                    if not last:
-                        continue
-                    w = writers[split]
-                    before = len(w.shards)
-                    w.add_document(partial[0] if len(partial) == 1 else np.concatenate(partial))
-                    partial = []
-                    if len(w.shards) > before:
-                        progress[split].update(shards=w.shards, next=ordinal + 1, bytes=nbytes[split])
-                        work.save()
-                        new_shards += 1
-                        if fail_after and new_shards >= fail_after:
-                            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated interruption")
-                bar.update(sum(1 for x in where if x[3]))
+        stats = encoder.encode(decide)
+        plan = planner.finish()
+        if plan.kept == 0:
+            raise _empty_corpus(config, stats, plan.documents_seen)
+        if plan.adjusted and not single:
+            # A tiny corpus whose final plan moved a document across: rebuild from that plan.
+            encoder.reset()
+            cleaner = Cleaner(clean_cfg)
+
+            def decide_again(ordinal: int, doc: Document) -> list[tuple[str, str]]:
+                side = int(plan.side[ordinal])
+                text = cleaner.clean(doc.text, doc.source) if side != DROP else None
+                return [] if text is None else parts(text, side, doc.source, plan.split_mode == "position")
+
+            encoder.encode(decide_again)
+        position = single or plan.split_mode == "position"
+        entries = encoder.finish(lambda ordinal: position or plan.side[ordinal] == VAL)
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        encoder.abort()
         raise
-    entries = {}
-    for s in splits:
-        entries[s] = writers[s].close()
-        entries[s]["bytes"] = nbytes[s]
-    return _meta(config, tok, tok_path, info, entries, dtype)
-
-
-def _explain(tok: Tokenizer, chunk) -> None:
-    """Re-encode a failed chunk one document at a time to name the offending source."""
-    where, texts = chunk
-    for (_split, _ordinal, source, _last), text in zip(where, texts):
-        try:
-            tok.encode(text)
-        except DataError as e:
-            raise DataError(f"{source}: {e}") from None
+    if plan.split_mode == "none":
+        del entries["val"]
+    info = {
+        "trained_on": trained_on, "split_mode": plan.split_mode, "removed": plan.removed, "modified": plan.modified,
+        "skipped": stats.skipped.to_json(), "documents_seen": plan.documents_seen, "files": stats.files,
+        "bytes": stats.bytes, "excluded_files": config["excluded_files"], "documents": plan.kept,
+    }
+    return _meta(config, tok, tok_path, info, entries, dtype), info
 
 
 def _meta(config: dict, tok: Tokenizer, tok_path: Path, info: dict, entries: dict, dtype: str) -> dict:
@@ -321,7 +268,7 @@ def _meta(config: dict, tok: Tokenizer, tok_path: Path, info: dict, entries: dic
             "removed_documents": sum(v["count"] for k, v in info["removed"].items()
                                      if not (config["leakage"] == "flag" and k.startswith("val_train_overlap"))),
             "documents_read": info["documents_seen"],
-            "documents": int((info["side"] != DROP).sum()),
+            "documents": info["documents"],
             "split_mode": info["split_mode"],
             "val_fraction": config["val_fraction"],
             "seed": config["seed"],

@@ -21,11 +21,14 @@ from .shards import META_FILE, check_tokenizer_hash, read_meta
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZER_KINDS = ("bpe", "char", "sp-bpe", "sp-unigram")
+FAST_ENCODER_ENV = "LMFORGE_ENCODER"  # "hf": prepare encodes byte-level BPE with HF tokenizers, not tiktoken
 
 
 class Tokenizer(abc.ABC):
     kind: str
     file_name: str
+    # True when encoding runs outside the GIL (Rust, C++), so threads of one process encode in parallel.
+    releases_gil: bool = False
     # True when encoding a text cut after a "\n" between non-space characters gives the same ids
     # as encoding it whole, so huge documents can be encoded in pieces (in parallel, bounded memory).
     splits_at_lines: bool = False
@@ -47,6 +50,10 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def fast_encode(self):
+        """A faster function text -> ids with encode's results, for bulk encoding (prepare), or None."""
+        return None
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -140,9 +147,11 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     file_name = "tokenizer.json"
     splits_at_lines = True  # the byte-level pre-tokenizer already isolates such a "\n"; merges stay inside
+    releases_gil = True
 
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
+        self._fast = None  # the tiktoken engine, built on first use (fast_bpe.py)
         # A literal "<|endoftext|>" inside a document must stay text, not fake a document boundary.
         self._tok.encode_special_tokens = True
         eos = self._tok.token_to_id(EOS_TOKEN)
@@ -201,6 +210,17 @@ class BPETokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Parallel across documents in Rust; much faster than one huge string (see GUIDE "Data").
         return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def fast_encode(self):
+        """encode run by tiktoken (single-threaded, outside the GIL), or None when tiktoken is missing, cannot
+        reproduce this tokenizer (fast_bpe.py) or LMFORGE_ENCODER=hf asks for HF's encoder."""
+        if os.environ.get(FAST_ENCODER_ENV) == "hf":
+            return None
+        if self._fast is None:
+            from .fast_bpe import convert
+            enc = convert(self._tok.to_str())
+            self._fast = (lambda text: enc.encode_ordinary(text)) if enc is not None else False
+        return self._fast or None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

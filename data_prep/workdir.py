@@ -1,9 +1,10 @@
-"""The resumable build directory `<out>.tmp-prepare/`: pass-1 plan, tokenizer, finished shards, state.
+"""The resumable build directory `<out>.tmp-prepare/`: tokenizer, finished shards, pending val, state.
 
 state.json records a fingerprint of the command (inputs with sizes and mtimes, every option that
-changes the output) and, per split, the shards completed so far and the first document ordinal not in
-them. A rerun with the same fingerprint resumes; any other content is discarded. A lock file keeps two
-runs from building in the same directory at once.
+changes the output), the tokenizer, and the progress of the encoding pass (stream.py): the train shards
+completed so far, the first document ordinal not in them, and how much of the pending val file belongs
+to them. A rerun with the same fingerprint resumes; any other content is discarded. A lock file keeps
+two runs from building in the same directory at once.
 """
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
 
 STATE_FILE = "state.json"
-PLAN_FILE = "plan.npy"
 
 
 def fingerprint(config: dict, files: list[Path]) -> str:
@@ -64,26 +62,17 @@ class WorkDir:
     def save(self) -> None:
         atomic_write_json(self.path / STATE_FILE, self.state)
 
-    def save_plan(self, side: np.ndarray, info: dict) -> None:
-        with open(self.path / (PLAN_FILE + ".tmp"), "wb") as f:
-            np.save(f, side)
-        (self.path / (PLAN_FILE + ".tmp")).replace(self.path / PLAN_FILE)
-        self.state["plan"] = dict(info)
-        self.save()
-
-    def load_plan(self) -> tuple[np.ndarray, dict] | None:
-        if "plan" not in self.state or not (self.path / PLAN_FILE).is_file():
-            return None
-        return np.load(self.path / PLAN_FILE), dict(self.state["plan"])
-
-    def split_progress(self, split: str) -> dict:
-        """{"shards": [...], "next": ordinal, "bytes": n}; files of unfinished shards are deleted."""
-        prog = self.state.setdefault("progress", {}).setdefault(split, {"shards": [], "next": 0, "bytes": 0})
-        keep = {name for s in prog["shards"] for name in (s["file"], s["index"])}
+    def remove_unlisted(self, split: str, shards: list[dict]) -> None:
+        """Delete `split`'s shard files that `shards` (the completed ones) does not list."""
+        keep = {name for s in shards for name in (s["file"], s["index"])}
         for p in self.path.glob(f"{split}_*"):
             if p.name not in keep:
                 p.unlink()
-        return prog
 
-    def write_bytes(self, name: str, data: bytes) -> Path:
-        return atomic_write_bytes(self.path / name, data)
+    def finish(self) -> None:
+        """Leave only the dataset: state, pending files and lock go (the caller then publishes)."""
+        for p in self.path.iterdir():
+            if p.name.startswith(("pending_", STATE_FILE)):
+                p.unlink()
+        self.close()
+        (self.path / "lock").unlink()
