@@ -6,8 +6,9 @@ row), anything else one document per file; .gz/.zst/.zstd variants are decompres
 from __future__ import annotations
 
 import fnmatch
-import glob
 import gzip
+import os
+import re
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
@@ -41,23 +42,100 @@ def expand_placeholders(spec: str) -> str:
     return spec.replace("${stdlib}", sysconfig.get_paths()["stdlib"])
 
 
-def _expand(spec: str) -> list[Path]:
+def _expand(spec: str, patterns: list[str]) -> list[Path]:
+    """The files `spec` names, sorted; directories every file of which `patterns` exclude are not entered."""
     if _GLOB_CHARS & set(spec):
-        paths = [Path(p) for p in glob.glob(spec, recursive=True)]
-        paths = sorted(p for p in paths if p.is_file())
+        parts = spec.split("/")
+        fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+        root = "/".join(parts[:fixed]) or ("/" if spec.startswith("/") else "")
+        matcher = _GlobMatcher(parts[fixed:])
+        paths = [p for p in _walk(root or ".", patterns, prefix=root, follow_links=True)
+                 if matcher.matches(p[len(root):].lstrip("/").split("/"))]
         if not paths:
             raise DataError(f"{spec}: pattern matches no files")
-        return paths
+        return _sorted_paths(paths)
     path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
+        return _sorted_paths(_walk(spec, patterns, prefix=spec, follow_links=False))
     raise DataError(f"{spec}: no such file or directory")
 
 
-def _excluded(path: Path, patterns: list[str]) -> bool:
+def _sorted_paths(paths) -> list[Path]:
+    """Sorted as Path objects sort (by components), without building 10^5 Paths to compare."""
+    return [Path(p) for p in sorted(paths, key=lambda p: p.split("/"))]
+
+
+def _walk(top: str, patterns: list[str], prefix: str, follow_links: bool) -> Iterator[str]:
+    """Paths (as `prefix`/...) of the files under `top`, skipping directories an exclude pattern ending in
+    "*" covers whole. Directory links are followed as glob follows them (a directory input is walked as
+    Path.rglob walks it: without)."""
+    prunable = [p for p in patterns if p.endswith("*")]
+    stack = [(top, prefix)]
+    while stack:
+        directory, shown = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # unreadable directories are skipped, as glob skips them
+            continue
+        for entry in entries:
+            path = f"{shown}/{entry.name}" if shown else entry.name
+            if entry.is_dir(follow_symlinks=follow_links):
+                if not _excluded(Path(path), prunable, directory=True):
+                    stack.append((entry.path, path))
+            elif entry.is_file():  # not broken links, sockets, ...
+                yield path
+
+
+class _GlobMatcher:
+    """glob.glob(recursive=True)'s rule for a pattern's components, as one regex over a relative path: `**`
+    spans any number of directories, other components match one name (`*` and `?` never cross "/"); names
+    starting with "." only match components that do."""
+
+    def __init__(self, parts: list[str]):
+        body = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if part == "**":
+                body.append(r"(?:(?!\.)[^/]+(?:/|\Z))*" if last else r"(?:(?!\.)[^/]+/)*")
+            else:
+                hidden = "" if part.startswith(".") else r"(?!\.)"
+                body.append(hidden + _component_regex(part) + ("" if last else "/"))
+        self._regex = re.compile("".join(body) + r"\Z", re.DOTALL)
+
+    def matches(self, names: list[str]) -> bool:
+        return self._regex.match("/".join(names)) is not None
+
+
+def _component_regex(part: str) -> str:
+    """fnmatch's translation of one path component, with "*" and "?" kept inside it."""
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + 1 if i < len(part) and part[i] in "!]" else i
+            j = part.find("]", j + (1 if j < len(part) and part[j] == "]" else 0))
+            if j < 0:
+                out.append(r"\[")
+            else:
+                inner = part[i:j].replace("\\", "\\\\")
+                out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _excluded(path: Path, patterns: list[str], directory: bool = False) -> bool:
     forms = (path.as_posix(), path.absolute().as_posix())
+    if directory:  # Path drops the trailing "/" that lets "*/x/*" cover the directory x
+        forms = tuple(f + "/" for f in forms)
     return any(fnmatch.fnmatchcase(f, pat) for pat in patterns for f in forms)
 
 
@@ -85,7 +163,7 @@ def list_files(inputs: Iterable[str], exclude: Iterable[str] = (), stats: Source
     files: list[Path] = []
     seen: set[Path] = set()
     for spec in inputs:
-        paths = _expand(spec)
+        paths = _expand(spec, patterns)
         excluded = 0
         for path in paths:
             if _excluded(path, patterns):  # before resolve(): excluded trees can be large

@@ -115,3 +115,30 @@ def test_a_lone_surrogate_in_jsonl_is_replaced_and_counted(tmp_path):
         r = TokenReader(tmp_path / "out", split)
         reader_texts += [tok.decode(r.document(i)) for i in range(r.num_docs)]
     assert "broken \ufffd surrogate" in reader_texts
+
+
+# ---- file discovery: glob's answer, without entering excluded trees --------------------------------------
+
+def test_file_discovery_equals_glob_and_skips_excluded_trees(tmp_path, monkeypatch):
+    import glob
+    import os
+
+    from data_prep.sources import _expand, list_files
+    for name in ["a/b/c.py", "a/.h/x.py", ".top.py", "a/.hid.py", "z/[x].txt", "a/b/d/e.txt", "q/a1.py", "q/ab.py",
+                 "a-b/c.py", "a/b-c.py", "big/site-packages/p/m.py", "big/keep.py"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    os.symlink(tmp_path / "a" / "b", tmp_path / "link")
+    os.symlink(tmp_path / "missing", tmp_path / "a" / "broken.py")
+    for pattern in ["**", "**/*.py", "*/*", "a/**/*.txt", ".*", "**/.*", "q/a?.py", "q/a[!b].py", "z/*", "a/.h/*.py",
+                    "*/.*", "**/b/**"]:
+        spec = f"{tmp_path}/{pattern}"
+        expected = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        assert _expand(spec, []) == expected, pattern
+    assert _expand(str(tmp_path), []) == sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    entered = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda d: entered.append(str(d)) or real_scandir(d))
+    files = list_files([f"{tmp_path}/**/*.py"], ["*/site-packages/*"])
+    assert tmp_path / "big" / "keep.py" in files and not any("site-packages" in str(f) for f in files)
+    assert not any("site-packages" in d for d in entered)  # the excluded tree was never listed
