@@ -27,17 +27,20 @@ def split_suffix(path: Path) -> tuple[str, str]:
     return Path(name[:len(name) - len(comp)]).suffix, comp
 
 
-def open_stream(path: Path, comp: str) -> BinaryIO:
-    if comp == ".gz":
-        return gzip.open(path, "rb")
+def open_stream(path, comp: str) -> BinaryIO:
+    """The decompressed bytes of a local Path or a RemoteFile (remote.py)."""
     if comp in (".zst", ".zstd"):
         try:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs zstandard: pip install lmforge[zstd]") from None
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+    raw = path.open("rb")
+    if comp == ".gz":
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream.myfileobj = raw  # GzipFile closes its myfileobj: what gzip.open(filename) sets
+        return stream
+    return raw
 
 
 def read_text(path: Path, comp: str, skipped: Tally) -> Iterator[tuple[str, str]]:
@@ -84,7 +87,9 @@ def read_parquet(path: Path, text_field: str, skipped: Tally, strict: bool,
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install lmforge[parquet]") from None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a corrupt file
         if strict:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
@@ -105,6 +110,68 @@ def read_parquet(path: Path, text_field: str, skipped: Tally, strict: bool,
             else:
                 yield value, f"{path}:row {row}"
             row += 1
+
+
+def read_arrow(path, text_field: str, skipped: Tally, strict: bool) -> Iterator[tuple[str, str]]:
+    """Rows of an Arrow IPC stream file (what Hugging Face `datasets` writes as data-*.arrow)."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{path}: reading Arrow files needs pyarrow: pip install lmforge[parquet]") from None
+    with path.open("rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            try:
+                f.seek(0)
+                reader = pa.ipc.open_file(f)  # the random-access variant
+            except Exception as e:
+                if strict:
+                    raise DataError(f"{path}: not a readable Arrow file ({e})") from None
+                skipped.add("arrow_unreadable", str(path))
+                return
+        if text_field not in reader.schema.names:
+            if strict:
+                raise DataError(f"{path}: Arrow file has no column {text_field!r}")
+            skipped.add("arrow_missing_column", str(path))
+            return
+        batches = ((reader.get_batch(i) for i in range(reader.num_record_batches))
+                   if hasattr(reader, "num_record_batches") else reader)
+        row = 0
+        for batch in batches:
+            for value in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
+                if not isinstance(value, str):
+                    if strict:
+                        raise DataError(f"{path}:row {row}: column {text_field!r} is not a string ({value!r:.40})")
+                    skipped.add("arrow_not_string", f"{path}:row {row}")
+                else:
+                    yield value, f"{path}:row {row}"
+                row += 1
+
+
+def hf_dataset_files(directory: Path) -> list[Path] | None:
+    """The Arrow files of a directory written by `datasets` save_to_disk, in the dataset's row order (a
+    DatasetDict: each split's, in dataset_dict.json's order); None for any other directory."""
+    state, splits = directory / "state.json", directory / "dataset_dict.json"
+    try:
+        if splits.is_file():
+            names = json.loads(splits.read_text(encoding="utf-8"))["splits"]
+            files = [hf_dataset_files(directory / n) for n in names]
+            if any(f is None for f in files):
+                raise DataError(f"{splits}: a split it names is not a saved dataset")
+            return [p for f in files for p in f]
+        if state.is_file():
+            entries = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+            if entries is None:
+                return None
+            files = [directory / e["filename"] for e in entries]
+            missing = [str(p) for p in files if not p.is_file()]
+            if missing:
+                raise DataError(f"{state}: names data files that are missing ({', '.join(missing[:3])})")
+            return files
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state if state.is_file() else splits}: not a datasets save_to_disk file ({e})") from None
+    return None
 
 
 def jsonl_objects(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:

@@ -20,6 +20,7 @@ from .dedup import MinHashConfig
 from .errors import DataError
 from .fileio import atomic_write_json, file_sha256
 from .plan import DROP, TRAIN, VAL, Planner, TokenizerSample, val_score
+from .remote import is_url
 from .shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, META_FILE, dtype_for_vocab
 from .sources import Document, SourceStats, expand_placeholders, iter_files, list_files
 from .stream import FAIL_AFTER_ENV, SEGMENT_CHARS, EncodePass, is_single_document, position_cut  # noqa: F401
@@ -258,7 +259,7 @@ def _meta(config: dict, tok: Tokenizer, tok_path: Path, info: dict, entries: dic
         "splits": entries,
         "source": {
             "inputs": config["inputs"],
-            "resolved_inputs": [os.path.abspath(s) for s in config["inputs"]],  # to compare from any cwd
+            "resolved_inputs": [s if is_url(s) else os.path.abspath(s) for s in config["inputs"]],  # from any cwd
             "exclude": config["exclude"],
             "text_field": config["text_field"],
             "files": info["files"],

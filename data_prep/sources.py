@@ -1,7 +1,9 @@
 """Turn input specs (files, directories, recursive globs) into a deterministic stream of documents.
 
-Formats are chosen by suffix (see formats.py): .jsonl/.ndjson (one document per line), .parquet (one per
-row), anything else one document per file; .gz/.zst/.zstd variants are decompressed while streaming.
+Formats are chosen by suffix (see formats.py): .jsonl/.ndjson (one document per line), .parquet and .arrow
+(one per row), anything else one document per file; .gz/.zst/.zstd variants are decompressed while
+streaming. A directory saved by Hugging Face `datasets` (save_to_disk) is its Arrow files, in its order.
+An input may be a URL (remote.py): https://, s3://, gs://, or any fsspec filesystem.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import DataError
-from .formats import JSONL_SUFFIXES, read_jsonl, read_parquet, read_text, split_suffix
+from .formats import JSONL_SUFFIXES, hf_dataset_files, read_arrow, read_jsonl, read_parquet, read_text, split_suffix
+from .remote import is_url, list_url
 from .tally import Tally
 
 _GLOB_CHARS = set("*?[")
@@ -42,8 +45,10 @@ def expand_placeholders(spec: str) -> str:
     return spec.replace("${stdlib}", sysconfig.get_paths()["stdlib"])
 
 
-def _expand(spec: str, patterns: list[str]) -> list[Path]:
+def _expand(spec: str, patterns: list[str]) -> list:
     """The files `spec` names, sorted; directories every file of which `patterns` exclude are not entered."""
+    if is_url(spec):
+        return list_url(spec)
     if _GLOB_CHARS & set(spec):
         parts = spec.split("/")
         fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
@@ -58,7 +63,8 @@ def _expand(spec: str, patterns: list[str]) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return _sorted_paths(_walk(spec, patterns, prefix=spec, follow_links=False))
+        dataset = hf_dataset_files(path)
+        return dataset if dataset is not None else _sorted_paths(_walk(spec, patterns, prefix=spec, follow_links=False))
     raise DataError(f"{spec}: no such file or directory")
 
 
@@ -132,8 +138,8 @@ def _component_regex(part: str) -> str:
     return "".join(out)
 
 
-def _excluded(path: Path, patterns: list[str], directory: bool = False) -> bool:
-    forms = (path.as_posix(), path.absolute().as_posix())
+def _excluded(path, patterns: list[str], directory: bool = False) -> bool:
+    forms = (path.as_posix(), path.absolute().as_posix()) if isinstance(path, Path) else (str(path),)
     if directory:  # Path drops the trailing "/" that lets "*/x/*" cover the directory x
         forms = tuple(f + "/" for f in forms)
     return any(fnmatch.fnmatchcase(f, pat) for pat in patterns for f in forms)
@@ -169,7 +175,7 @@ def list_files(inputs: Iterable[str], exclude: Iterable[str] = (), stats: Source
             if _excluded(path, patterns):  # before resolve(): excluded trees can be large
                 excluded += 1
                 continue
-            key = path.resolve()
+            key = path.resolve() if isinstance(path, Path) else path
             if key not in seen:
                 seen.add(key)
                 files.append(path)
@@ -205,6 +211,8 @@ def _read_file(path: Path, text_field: str, skipped: Tally, strict: bool):
         return read_jsonl(path, comp, text_field, skipped, strict)
     if fmt == ".parquet" and not comp:
         return read_parquet(path, text_field, skipped, strict)
+    if fmt == ".arrow" and not comp:
+        return read_arrow(path, text_field, skipped, strict)
     return read_text(path, comp, skipped)
 
 

@@ -142,3 +142,153 @@ def test_file_discovery_equals_glob_and_skips_excluded_trees(tmp_path, monkeypat
     files = list_files([f"{tmp_path}/**/*.py"], ["*/site-packages/*"])
     assert tmp_path / "big" / "keep.py" in files and not any("site-packages" in str(f) for f in files)
     assert not any("site-packages" in d for d in entered)  # the excluded tree was never listed
+
+
+# ---- inputs from anywhere: a local HTTP server, fsspec's memory filesystem, datasets directories ----------
+
+class _Server:
+    """An HTTP server on 127.0.0.1 serving `files` (name -> bytes), with Range support; `drop_after[name] = n`
+    makes the next GET of that file send n bytes of the body and cut the connection (once)."""
+
+    def __init__(self, files: dict):
+        import http.server
+        import threading
+
+        self.files, self.drop_after, self.gets = files, {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _body(self):
+                name = self.path.lstrip("/")
+                if name not in server.files:
+                    self.send_error(404)
+                    return None
+                data = server.files[name]
+                start, end = 0, len(data)
+                rng = self.headers.get("Range")
+                if rng:
+                    lo, hi = rng.split("=")[1].split("-")
+                    start, end = int(lo), min(int(hi) + 1 if hi else len(data), len(data))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", f'"{hash(data) & 0xffff}"')
+                self.end_headers()
+                return name, data[start:end]
+
+            def do_HEAD(self):
+                self._body()
+
+            def do_GET(self):
+                got = self._body()
+                if got is None:
+                    return
+                name, body = got
+                server.gets.append(name)
+                cut = server.drop_after.pop(name, None)
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-body
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def http_server():
+    pytest.importorskip("aiohttp")
+    lines = [json.dumps({"text": f"record {i} " + "word " * (i % 50)}) for i in range(3000)]
+    server = _Server({"corpus.jsonl": ("\n".join(lines) + "\n").encode(), "book.txt": ("a line of a book\n" * 20000).encode()})
+    yield server
+    server.close()
+
+
+def test_url_inputs_stream_from_a_local_http_server_and_equal_local_files(http_server, tmp_path, monkeypatch):
+    import data_prep.remote as remote
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    for name, data in http_server.files.items():
+        (tmp_path / name).write_bytes(data)
+    local = [d for d in iter_documents([str(tmp_path / "corpus.jsonl"), str(tmp_path / "book.txt")])]
+    http_server.drop_after["corpus.jsonl"] = 70_000  # the first GET breaks off after 70 KB: retried at the offset
+    urls = [f"{http_server.url}/corpus.jsonl", f"{http_server.url}/book.txt"]
+    remote_docs = list(iter_documents(urls))
+    assert [d.text for d in remote_docs] == [d.text for d in local]  # nothing lost, nothing repeated
+    assert remote_docs[0].source == f"{http_server.url}/corpus.jsonl:1"
+    assert http_server.gets.count("corpus.jsonl") == 2
+    meta = prepare(urls, tmp_path / "out", tokenizer="char", show_progress=False)
+    assert meta["source"]["inputs"] == urls and meta["source"]["resolved_inputs"] == urls
+    assert meta["source"]["documents"] > 2000
+
+
+def test_a_missing_or_failing_url_is_one_error_naming_it(http_server, tmp_path, monkeypatch):
+    import data_prep.remote as remote
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    url = f"{http_server.url}/nope.jsonl"
+    with pytest.raises(DataError, match=rf"{url}: no such file"):
+        list(iter_documents([url]))
+    monkeypatch.setattr(remote, "RETRIES", 2)
+    bad = remote.RemoteFile(f"{http_server.url}/corpus.jsonl")
+
+    class Failing:
+        def read(self, n):
+            raise ConnectionResetError("reset by peer")
+
+        def seek(self, *a):
+            return 0
+
+        def close(self):
+            pass
+
+    stream = remote.RetryingStream(bad.url, lambda: Failing(), retries=2)
+    with pytest.raises(DataError, match=rf"{bad.url}: read failed after 2 retries \(ConnectionResetError"):
+        stream.read(10)
+    with pytest.raises(DataError, match="unknown-scheme://x/y.txt: cannot open this URL's filesystem"):
+        list(iter_documents(["unknown-scheme://x/y.txt"]))
+
+
+def test_fsspec_memory_filesystem_globs_and_directories(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lmf/a.txt", b"first document text")
+    fs.pipe("/lmf/sub/b.jsonl", b'{"text": "second"}\n{"text": "third"}\n')
+    fs.pipe("/lmf/sub/c.txt.gz", __import__("gzip").compress(b"fourth, compressed"))
+    assert [d.text for d in iter_documents(["memory://lmf/**/*.jsonl"])] == ["second", "third"]
+    texts = [d.text for d in iter_documents(["memory://lmf"])]
+    assert texts == ["first document text", "second", "third", "fourth, compressed"]
+    assert [d.text for d in iter_documents(["memory://lmf"], exclude=["*.gz"])][-1] == "third"
+    with pytest.raises(DataError, match="memory://lmf/none/\\*.txt: pattern matches no files"):
+        list(iter_documents(["memory://lmf/none/*.txt"]))
+
+
+def test_a_saved_datasets_directory_and_a_parquet_folder_are_inputs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    texts = [f"row {i}: " + "text " * (i % 7) for i in range(40)]
+    ds = datasets.Dataset.from_dict({"content": texts, "n": list(range(40))})
+    ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)
+    datasets.DatasetDict({"train": ds, "extra": ds.select(range(4))}).save_to_disk(str(tmp_path / "dict"))
+    assert [d.text for d in iter_documents([str(tmp_path / "saved")], text_field="content")] == texts
+    assert [d.text for d in iter_documents([str(tmp_path / "dict")], text_field="content")] == texts + texts[:4]
+    (tmp_path / "pq").mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"text": texts[k * 20:(k + 1) * 20]}), tmp_path / "pq" / f"part-{k}.parquet")
+    assert [d.text for d in iter_documents([str(tmp_path / "pq")])] == texts
+    meta = prepare([str(tmp_path / "saved")], tmp_path / "out", tokenizer="char", text_field="content",
+                   show_progress=False)
+    assert meta["source"]["files"] == 3 and meta["source"]["documents_read"] == 40
+    with pytest.raises(DataError, match="has no column 'body'"):
+        list(iter_documents([str(tmp_path / "saved")], text_field="body", strict=True))

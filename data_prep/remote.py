@@ -1,0 +1,170 @@
+"""Inputs named by URL: `https://...`, `s3://...`, `gs://...`, `memory://...` (anything fsspec knows),
+listed and streamed through fsspec, with retries.
+
+fsspec is optional (`pip install lmforge[remote]`; s3:// needs s3fs, gs:// gcsfs): it is imported only
+when an input is a URL. A URL with glob characters is listed (`**` recurses); a URL naming a directory
+(object-store prefix) means every file under it; anything else is one file. https URLs name files (HTTP
+cannot list). Reads go through RetryingStream: a failed read reopens the file at the same offset, up to
+RETRIES times with growing pauses, then stops with a DataError naming the URL, so a dropped connection
+neither loses nor repeats a document.
+"""
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from .errors import DataError
+
+RETRIES = 4
+BACKOFF_S = 0.5  # pause before retry k: BACKOFF_S * 2**k
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(spec: str) -> bool:
+    return _SCHEME.match(spec) is not None
+
+
+def _filesystem(url: str):
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError(f"{url}: reading URLs needs fsspec: pip install lmforge[remote]") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:  # an unknown scheme, or its package (s3fs, gcsfs) missing
+        raise DataError(f"{url}: cannot open this URL's filesystem ({e})") from None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file behind a URL; quacks like the Path parts the readers use (name, stat, open)."""
+    url: str
+    size: int = field(compare=False, default=0)
+    version: str = field(compare=False, default="")  # etag or modification time: part of prepare's fingerprint
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def stat(self):
+        return SimpleNamespace(st_size=self.size, st_mtime_ns=self.version)
+
+    def open(self, mode: str = "rb"):
+        fs, path = _filesystem(self.url)
+        # HTTP: one streaming GET (block_size=0) for the sequential formats; Parquet needs range requests.
+        http = self.url.startswith(("http://", "https://")) and not self.name.endswith(".parquet")
+        kwargs = {"block_size": 0} if http else {}
+        return io.BufferedReader(RetryingStream(self.url, lambda: fs.open(path, "rb", **kwargs)), buffer_size=1 << 20)
+
+
+def list_url(spec: str) -> list[RemoteFile]:
+    """The files a URL names (see the module doc), sorted by URL."""
+    fs, path = _filesystem(spec)
+    protocol = spec.split("://", 1)[0]
+    try:
+        if any(c in path for c in "*?["):
+            paths = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif protocol not in ("http", "https") and fs.isdir(path):
+            paths = fs.find(path)
+        else:
+            paths = [path]
+        infos = [(p, fs.info(p)) for p in paths]
+    except FileNotFoundError:
+        raise DataError(f"{spec}: no such file or directory") from None
+    except OSError as e:
+        raise DataError(f"{spec}: cannot list ({e})") from None
+    except Exception as e:  # fsspec backends raise their own client errors (aiohttp, botocore)
+        raise DataError(f"{spec}: cannot list ({type(e).__name__}: {e})") from None
+    if not infos:
+        raise DataError(f"{spec}: pattern matches no files")
+    files = []
+    for p, info in sorted(infos):
+        url = p if "://" in p else fs.unstrip_protocol(p)
+        if protocol in ("http", "https"):
+            url = spec  # fsspec's HTTP paths are the URL itself
+        version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+                      or info.get("created") or "")
+        files.append(RemoteFile(url, int(info.get("size") or 0), version))
+    return files
+
+
+class RetryingStream(io.RawIOBase):
+    """A read-only stream over `opener()` that survives failed reads: reopen, seek back, read again."""
+
+    def __init__(self, url: str, opener, retries: int = RETRIES):
+        self.url, self._opener, self._retries = url, opener, retries
+        self._pos, self._file = 0, None
+        self._file = self._attempt(opener, "open")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._attempt(lambda: self._file.seek(offset, whence), "seek")
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = self._attempt(lambda: self._file.read(len(buffer)), "read")
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # closing a broken connection must not hide the real error
+                pass
+            self._file = None
+        super().close()
+
+    def _attempt(self, action, what: str):
+        for k in range(self._retries + 1):
+            try:
+                return action()
+            except FileNotFoundError:
+                raise DataError(f"{self.url}: no such file") from None
+            except Exception as e:  # network errors come as OSError, aiohttp's, botocore's ...
+                if k == self._retries:
+                    raise DataError(f"{self.url}: {what} failed after {self._retries} retries "
+                                    f"({type(e).__name__}: {e})") from None
+                time.sleep(BACKOFF_S * 2 ** k)
+                self._reopen()
+
+    def _reopen(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:
+            pass
+        try:
+            self._file = self._opener()
+            if self._pos:
+                try:
+                    self._file.seek(self._pos)
+                except (ValueError, OSError, NotImplementedError):  # a streaming file: read up to the offset
+                    left = self._pos
+                    while left:
+                        got = len(self._file.read(min(left, 1 << 20)) or b"")
+                        if not got:
+                            raise OSError("the file is shorter than before")
+                        left -= got
+        except Exception:
+            self._file = _Broken()  # the next attempt fails and counts as a retry
+
+
+class _Broken:
+    def __getattr__(self, name):
+        raise OSError("connection could not be reopened")
