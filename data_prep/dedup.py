@@ -138,11 +138,8 @@ class LSHIndex:
             rows = sig.reshape(self.config.bands, self.config.rows).astype(np.uint64)
             return (rows * self._band_mult).sum(axis=1, dtype=np.uint64).tolist()
 
-    def find_all(self, sig: np.ndarray, alive=None) -> list[int]:
-        """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first.
-
-        `alive(key)` lets the caller ignore entries it has since dropped.
-        """
+    def find_all(self, sig: np.ndarray) -> list[int]:
+        """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first."""
         rows: set[int] = set()
         for band, key in enumerate(self._band_keys(sig)):
             rows.update(self._buckets[band].get(key, ()))
@@ -150,8 +147,7 @@ class LSHIndex:
             return []
         cand = np.fromiter(sorted(rows), dtype=np.int64, count=len(rows))
         est = (self._sigs[cand] == sig[None, :]).mean(axis=1)
-        keys = [self._keys[r] for r in cand[est >= self.config.threshold].tolist()]
-        return [k for k in keys if alive is None or alive(k)]
+        return [self._keys[r] for r in cand[est >= self.config.threshold].tolist()]
 
     def add(self, key: int, sig: np.ndarray) -> None:
         row = len(self._keys)

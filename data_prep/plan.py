@@ -80,7 +80,52 @@ class TokenizerSample:
         return [t for _, o, t in sorted(self._heap, key=lambda e: e[1])]
 
 
+# Per-document match flags. Every rule looks only at pairs of documents, so the same flags come out of one
+# streaming planner (below) and of tasks that each see one partition of the keys (tasks.py).
+EXACT_DUP = 1  # an earlier document on the same side has the same exact key
+NEAR_DUP = 2  # an earlier document on the same side is a near duplicate (LSH candidate over the threshold)
+TRAIN_EXACT = 4  # a val document with an exact copy among train documents (earlier or later)
+TRAIN_NEAR = 8  # a val document with a near copy among train documents
+_FLAG_REASONS = {TRAIN_EXACT: "val_train_overlap_exact", TRAIN_NEAR: "val_train_overlap_near",
+                 EXACT_DUP: "duplicate_exact", NEAR_DUP: "duplicate_near"}
+
+
+def pair_flags(earlier_side: int, later_side: int, kind_flag_same: int, kind_flag_cross: int) -> tuple[int, int]:
+    """(flags for the earlier document, flags for the later one) when two documents match."""
+    if earlier_side == later_side:
+        return 0, kind_flag_same
+    return (kind_flag_cross, 0) if earlier_side == VAL else (0, kind_flag_cross)
+
+
+def resolve(side: np.ndarray, flags: np.ndarray, dedup: str, leakage: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Final sides from the score sides and match flags, and a mask of the documents counted per reason.
+
+    A document with a same-side duplicate before it is dropped (exact only for dedup="exact", neither for
+    "none"); a val document with a train copy is leakage: removed ("remove"), only counted ("flag") or
+    not looked at ("off"). A removed leak is counted as leakage, not also as a duplicate."""
+    dup_mask = {"near": EXACT_DUP | NEAR_DUP, "exact": EXACT_DUP, "none": 0}[dedup]
+    live = side != DROP
+    leak = live & (side == VAL) & ((flags & (TRAIN_EXACT | TRAIN_NEAR)) != 0) if leakage != "off" else np.zeros_like(live)
+    dup = live & ((flags & dup_mask) != 0)
+    removed_leak = leak if leakage == "remove" else np.zeros_like(leak)
+    final = side.copy()
+    final[dup | removed_leak] = DROP
+    counted_dup = dup & ~removed_leak
+    reasons = {
+        "val_train_overlap_exact": leak & ((flags & TRAIN_EXACT) != 0),
+        "val_train_overlap_near": leak & ((flags & TRAIN_EXACT) == 0),
+        "duplicate_exact": counted_dup & ((flags & EXACT_DUP & dup_mask) != 0),
+        "duplicate_near": counted_dup & ((flags & EXACT_DUP & dup_mask) == 0),
+    }
+    return final, reasons
+
+
 class Planner:
+    """Streams documents in order: cleans each, gives it a side by its seeded score and records its match
+    flags against every document before it (see the flags above). add() says whether the document is kept
+    as far as is known then: a train document's answer is final; a val one may still be removed by a later
+    train copy, which finish() applies."""
+
     def __init__(self, cleaner: Cleaner, val_fraction: float, seed: int, dedup: str = "near",
                  leakage: str = "remove", minhash: MinHashConfig = MinHashConfig()):
         if not 0.0 <= val_fraction < 1.0:
@@ -92,25 +137,31 @@ class Planner:
         self.cleaner, self.val_fraction, self.seed = cleaner, val_fraction, seed
         self.dedup, self.leakage = dedup, leakage
         self.removed = cleaner.dropped  # one Tally for every reason a document is removed
-        self.flagged_only = leakage == "flag"
-        self._side = bytearray()
+        self._side = bytearray()  # by score (DROP only for documents cleaning removed)
+        self._flags = bytearray()
         self._score = array("d")
-        self._exact: dict[bytes, int | list[int]] = {}
         self._chars = array("q")  # cleaned length per document (position mode needs the one kept)
+        self._train_keys: set[bytes] = set()
+        self._val_keys_seen: set[bytes] = set()
+        self._val_waiting: dict[bytes, list[int]] = {}  # val documents by exact key, until a train copy shows up
         use_near = dedup == "near" or (leakage != "off" and val_fraction > 0)
         self._hasher = MinHasher(minhash) if use_near else None
         self._lsh = LSHIndex(minhash) if use_near else None
-
-    def _alive(self, ordinal: int) -> bool:
-        return self._side[ordinal] != DROP
+        self._examples: dict[int, str] = {}  # flag -> source of the first document it was set on
+        self._dup_mask = {"near": EXACT_DUP | NEAR_DUP, "exact": EXACT_DUP, "none": 0}[dedup]
 
     def side(self, ordinal: int) -> int:
         return self._side[ordinal]
 
+    def _flag(self, ordinal: int, flag: int, source: str) -> None:
+        self._flags[ordinal] |= flag
+        self._examples.setdefault(flag, source)
+
     def add(self, doc: Document) -> str | None:
-        """Plan the next document; its cleaned text when it is kept (for now, if val), else None."""
+        """Plan the next document; its cleaned text when it is kept as far as is known now, else None."""
         ordinal = len(self._side)
         text = self.cleaner.clean(doc.text, doc.source)
+        self._flags.append(0)
         if text is None:
             self._side.append(DROP)
             self._score.append(0.0)
@@ -122,46 +173,47 @@ class Planner:
         self._score.append(score)
         self._chars.append(len(text))
         key = exact_key(text)
-        held = self._exact.get(key, ())
-        exact = [o for o in ((held,) if isinstance(held, int) else held) if self._alive(o)]
-        if exact:
-            self._resolve(ordinal, exact, "exact", doc.source)
-        sig = None
-        if self._side[ordinal] != DROP and self._hasher is not None:
+        if side == TRAIN:
+            if key in self._train_keys:
+                self._flag(ordinal, EXACT_DUP, doc.source)
+            self._train_keys.add(key)
+            for v in self._val_waiting.pop(key, ()):
+                self._flag(v, TRAIN_EXACT, doc.source)
+        else:
+            if key in self._val_keys_seen:
+                self._flag(ordinal, EXACT_DUP, doc.source)
+            self._val_keys_seen.add(key)
+            if key in self._train_keys:
+                self._flag(ordinal, TRAIN_EXACT, doc.source)
+            else:
+                self._val_waiting.setdefault(key, []).append(ordinal)
+        if self._hasher is not None:
             sig = self._hasher.signature(text)
             if sig is not None:
-                near = [o for o in self._lsh.find_all(sig, alive=self._alive) if o not in exact]
-                if near:
-                    self._resolve(ordinal, near, "near", doc.source)
-        if self._side[ordinal] == DROP:
+                for other in self._lsh.find_all(sig):
+                    mine_other, mine = pair_flags(self._side[other], side, NEAR_DUP, TRAIN_NEAR)
+                    if mine_other:
+                        self._flag(other, mine_other, doc.source)
+                    if mine:
+                        self._flag(ordinal, mine, doc.source)
+                self._lsh.add(ordinal, sig)
+        flags = self._flags[ordinal]
+        if flags & self._dup_mask or (self.leakage == "remove" and flags & (TRAIN_EXACT | TRAIN_NEAR)):
             return None
-        # Usually one kept document per text: an int; a list only when copies are kept (dedup off).
-        self._exact[key] = ordinal if not held else [*((held,) if isinstance(held, int) else held), ordinal]
-        if sig is not None:
-            self._lsh.add(ordinal, sig)
         return text
 
-    def _resolve(self, ordinal: int, others: list[int], kind: str, source: str) -> None:
-        """Handle the current document matching earlier kept ones (`kind`: "exact" or "near")."""
-        mine = self._side[ordinal]
-        cross = [o for o in others if self._side[o] != mine]
-        if cross and self.leakage != "off":
-            # A val document with a train copy: remove (or count) the val side, whichever came first.
-            self.removed.add(f"val_train_overlap_{kind}", source, 1 if mine == VAL else len(cross))
-            if self.leakage == "remove":
-                if mine == VAL:
-                    self._side[ordinal] = DROP
-                    return
-                for o in cross:
-                    self._side[o] = DROP
-        if len(cross) < len(others) and (self.dedup == "near" or (self.dedup == "exact" and kind == "exact")):
-            self.removed.add(f"duplicate_{kind}", source)
-            self._side[ordinal] = DROP
 
     def finish(self) -> DocumentPlan:
-        side = np.frombuffer(bytes(self._side), dtype=np.uint8).copy()
+        score_side = np.frombuffer(bytes(self._side), dtype=np.uint8).copy()
+        flags = np.frombuffer(bytes(self._flags), dtype=np.uint8)
+        side, reasons = resolve(score_side, flags, self.dedup, self.leakage)
+        for reason, mask in reasons.items():
+            count = int(mask.sum())
+            if count:
+                flag = next(f for f, r in _FLAG_REASONS.items() if r == reason)
+                self.removed.add(reason, self._examples.get(flag, ""), count)
         kept = np.flatnonzero(side)
-        removed = self.removed.to_json()
+        streamed = side.copy()
         if self.val_fraction == 0 or kept.size == 0:
             mode = "none"
         elif kept.size == 1:
@@ -174,9 +226,9 @@ class Planner:
                 side[kept[np.argmin(scores[kept])]] = VAL
             if not np.any(side[kept] == TRAIN):
                 side[kept[np.argmax(scores[kept])]] = TRAIN
-        adjusted = mode == "position" or not np.array_equal(side, np.frombuffer(bytes(self._side), dtype=np.uint8))
-        plan = DocumentPlan(side=side, split_mode=mode, removed=removed, modified=self.cleaner.modified.to_json(),
-                            documents_seen=len(side), adjusted=adjusted)
+        plan = DocumentPlan(side=side, split_mode=mode, removed=self.removed.to_json(),
+                            modified=self.cleaner.modified.to_json(), documents_seen=len(side),
+                            adjusted=mode == "position" or not np.array_equal(side, streamed))
         if mode == "position":
             n = self._chars[int(kept[0])]
             if n < 2:
