@@ -1,4 +1,5 @@
-"""CLI: `python -m data_prep prepare INPUT... --out DIR` and `python -m data_prep inspect DIR`."""
+"""CLI: `python -m data_prep prepare INPUT... --out DIR`, `inspect DIR`; for many machines `tokenizer
+INPUT... --out TOKDIR`, then `prepare ... --tokenizer-from TOKDIR --tasks N --task K` per task, then `merge DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -10,27 +11,53 @@ from .cleaning import NORMAL_FORMS, CleanConfig
 from .dedup import MinHashConfig
 from .errors import DataError
 from .plan import DEDUP_MODES, LEAKAGE_MODES
-from .prepare import DEFAULT_SAMPLE_BYTES, MANIFEST_FILE, prepare
+from .prepare import DEFAULT_SAMPLE_BYTES, MANIFEST_FILE, prepare, prepare_tokenizer
+from .tasks import STAGES, merge, task_from_environment
 from .shards import DEFAULT_SHARD_TOKENS, TokenReader, read_meta
 from .stats import document_lengths, length_histogram, top_tokens
 from .tokenizer import TOKENIZER_KINDS, load_tokenizer
 
 
+def _clean_config(args) -> CleanConfig | None:
+    return None if args.no_clean else CleanConfig(normalize=None if args.normalize == "none" else args.normalize,
+                                                  strip_control=not args.keep_control, min_chars=args.min_chars)
+
+
+def _cmd_tokenizer(args) -> None:
+    path = prepare_tokenizer(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                             val_fraction=args.val_fraction, exclude=args.exclude, text_field=args.text_field,
+                             seed=args.seed, clean=_clean_config(args), special_tokens=args.special_tokens,
+                             tokenizer_sample_bytes=args.tokenizer_sample_bytes or None, strict=args.strict,
+                             show_progress=not args.quiet)
+    print(f"trained {path} (pass --tokenizer-from {args.out} to every task's prepare)")
+
+
+def _cmd_merge(args) -> None:
+    meta = merge(args.dir, overwrite=args.overwrite)
+    print(f"merged {meta['source']['tasks']} tasks into {args.dir}: " + ", ".join(
+        f"{name} {s['tokens']} tokens, {s['docs']} docs, {len(s['shards'])} shards" for name, s in meta["splits"].items()))
+
+
 def _cmd_prepare(args) -> None:
+    tasks, task = task_from_environment(args.tasks, args.task)
     meta = prepare(
         args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         val_fraction=args.val_fraction, exclude=args.exclude, text_field=args.text_field, seed=args.seed,
         shard_tokens=args.shard_tokens, tokenizer_dir=args.tokenizer_from, show_progress=not args.quiet,
         overwrite=args.overwrite, workers=args.workers, strict=args.strict,
-        clean=None if args.no_clean else CleanConfig(
-            normalize=None if args.normalize == "none" else args.normalize,
-            strip_control=not args.keep_control, min_chars=args.min_chars),
-        dedup=args.dedup, leakage=args.leakage,
+        clean=_clean_config(args), dedup=args.dedup, leakage=args.leakage,
         minhash=MinHashConfig(ngram=args.minhash_ngram, bands=args.minhash_bands, rows=args.minhash_rows,
                               threshold=args.near_threshold),
         special_tokens=args.special_tokens,
         tokenizer_sample_bytes=args.tokenizer_sample_bytes or None,
+        tasks=tasks, task=task, stage=args.stage, wait_s=args.wait,
     )
+    if tasks > 1:
+        entries = meta["entries"]
+        print(f"task {task} of {tasks}: {meta['documents']} documents kept of {meta['documents_read']}; " + ", ".join(
+            f"{name} {e['tokens']} tokens in {len(e['shards'])} shards" for name, e in entries.items())
+            + f"; when all tasks are done: python -m data_prep merge {args.out}")
+        return
     src = meta["source"]
     print(f"prepared {args.out}: {src['documents']} documents from {src['files']} files "
           f"({src['bytes']} bytes) in {src['seconds']} s; tokenizer {meta['tokenizer']['kind']} "
@@ -112,7 +139,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="bad JSONL/Parquet records are errors (default: skipped and counted in the manifest)")
     pp.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     pp.add_argument("--quiet", action="store_true", help="no progress bars")
+    pp.add_argument("--tasks", type=int, default=None, help="split the work over N tasks (default: SLURM array "
+                    "size, else WORLD_SIZE, else 1); needs --tokenizer-from; then `merge`")
+    pp.add_argument("--task", type=int, default=None, help="this task's number (default: SLURM_ARRAY_TASK_ID, else RANK)")
+    pp.add_argument("--stage", choices=[*STAGES, "all"], default="all",
+                    help="with --tasks: run one stage (each waits for every task's previous stage)")
+    pp.add_argument("--wait", type=float, default=7 * 86400, metavar="SECONDS",
+                    help="with --tasks: how long a stage waits for the other tasks")
     pp.set_defaults(func=_cmd_prepare)
+
+    pt = sub.add_parser("tokenizer", help="train the tokenizer prepare would train, for tasks to share")
+    pt.add_argument("inputs", nargs="+", metavar="INPUT")
+    pt.add_argument("--out", required=True, help="directory for the tokenizer file")
+    for flag in ("--tokenizer", "--vocab-size", "--val-fraction", "--exclude", "--text-field", "--seed",
+                 "--tokenizer-sample-bytes", "--special-tokens", "--normalize", "--keep-control", "--min-chars",
+                 "--no-clean", "--strict", "--quiet"):
+        action = next(a for a in pp._actions if flag in a.option_strings)
+        pt._add_action(action)
+    pt.set_defaults(func=_cmd_tokenizer)
+
+    pm = sub.add_parser("merge", help="publish the dataset of finished tasks (prepare --tasks N)")
+    pm.add_argument("dir", help="the --out directory the tasks were given")
+    pm.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    pm.set_defaults(func=_cmd_merge)
 
     pi = sub.add_parser("inspect", help="summarize a prepared dataset and verify its checksums")
     pi.add_argument("dir")

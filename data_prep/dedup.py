@@ -133,7 +133,8 @@ class LSHIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        """One 64-bit key per band: documents sharing a band's key are candidates."""
         with np.errstate(over="ignore"):
             rows = sig.reshape(self.config.bands, self.config.rows).astype(np.uint64)
             return (rows * self._band_mult).sum(axis=1, dtype=np.uint64).tolist()
@@ -141,7 +142,7 @@ class LSHIndex:
     def find_all(self, sig: np.ndarray) -> list[int]:
         """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first."""
         rows: set[int] = set()
-        for band, key in enumerate(self._band_keys(sig)):
+        for band, key in enumerate(self.band_keys(sig)):
             rows.update(self._buckets[band].get(key, ()))
         if not rows:
             return []
@@ -155,5 +156,5 @@ class LSHIndex:
             self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
         self._sigs[row] = sig
         self._keys.append(key)
-        for band, k in enumerate(self._band_keys(sig)):
+        for band, k in enumerate(self.band_keys(sig)):
             self._buckets[band].setdefault(k, []).append(row)

@@ -78,8 +78,12 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
             show_progress: bool = True, overwrite: bool = False, workers: int = 1,
             clean: CleanConfig | None = CleanConfig(), dedup: str = "near", leakage: str = "remove",
             minhash: MinHashConfig = MinHashConfig(), special_tokens: Sequence[str] = (),
-            tokenizer_sample_bytes: int | None = DEFAULT_SAMPLE_BYTES, strict: bool = False) -> dict:
+            tokenizer_sample_bytes: int | None = DEFAULT_SAMPLE_BYTES, strict: bool = False,
+            tasks: int = 1, task: int = 0, stage: str = "all", wait_s: float = 7 * 86400) -> dict:
     """Prepare `inputs` into `out_dir` and return its meta.json contents.
+
+    With `tasks` > 1 this call is task `task` of that many (tasks.py): it writes its share and returns
+    its own summary; `merge(out_dir)` then publishes the dataset. The tokenizer must be given then.
 
     `clean=None` keeps documents byte-exact (only empty ones are dropped). `dedup`: "near" (exact +
     MinHash-LSH), "exact" or "none"; `leakage`: val documents matching train ones are "remove"d,
@@ -108,6 +112,13 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
         "tokenizer_dir": str(reused) if reused else None,
         "tokenizer_sha": _tokenizer_file_sha(reused) if reused else None,
     }
+    if tasks > 1:
+        from .tasks import Task
+        if reused is None:
+            raise DataError("several tasks share one tokenizer: train it first (python -m data_prep tokenizer "
+                            "INPUT... --out TOKDIR) and pass --tokenizer-from TOKDIR")
+        config["excluded_files"], config["tokenizer_dir"] = listing.excluded, str(reused.resolve())
+        return Task(out, config, files, tasks, task, clean_cfg, minhash, workers, show_progress, wait_s).run(stage)
     work = WorkDir(out)
     resumed = work.open(fingerprint(config, files))
     config["files"], config["excluded_files"] = files, listing.excluded
@@ -137,6 +148,26 @@ def _tokenizer_file_sha(directory: Path) -> str:
 def _empty_corpus(config: dict, stats: SourceStats, documents_read: int) -> DataError:
     return DataError(f"empty corpus: {' '.join(config['inputs'])} ({stats.files} files, {documents_read} documents "
                      f"read, none left after cleaning; {stats.skipped.total()} files/records skipped)")
+
+
+def prepare_tokenizer(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str = "bpe",
+                      vocab_size: int = 8192, val_fraction: float = 0.1, exclude: Iterable[str] = (),
+                      text_field: str = "text", seed: int = 1337, clean: CleanConfig | None = CleanConfig(),
+                      special_tokens: Sequence[str] = (), tokenizer_sample_bytes: int | None = DEFAULT_SAMPLE_BYTES,
+                      strict: bool = False, show_progress: bool = True) -> Path:
+    """Train the tokenizer `prepare` would train on these inputs and settings, into `out_dir` (for
+    `prepare --tokenizer-from`: the one tokenizer many tasks share). Returns the tokenizer file."""
+    if tokenizer not in TOKENIZER_KINDS:
+        raise DataError(f"unknown tokenizer kind {tokenizer!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
+    clean_cfg = clean if clean is not None else CleanConfig(normalize=None, strip_control=False, min_chars=1)
+    config = {"inputs": list(inputs), "files": list_files(inputs, exclude), "text_field": text_field, "strict": strict,
+              "sample_bytes": tokenizer_sample_bytes, "seed": seed, "val_fraction": val_fraction,
+              "tokenizer": tokenizer, "vocab_size": vocab_size, "special_tokens": list(special_tokens)}
+    texts, _ = _sample(config, clean_cfg, show_progress, alphabet=tokenizer == "char")
+    tok = train_tokenizer(tokenizer, texts, vocab_size, list(special_tokens), show_progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return tok.save(out)
 
 
 def _tokenizer(work: WorkDir, config: dict, clean_cfg: CleanConfig, reused: Path | None,

@@ -63,12 +63,13 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, split: str, dtype: str, eos_id: int,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS, shards: list[dict] | None = None):
-        """`shards`: entries of shards already complete on disk (a resumed run continues after them)."""
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, shards: list[dict] | None = None, stem: str | None = None):
+        """`shards`: entries of shards already complete on disk (a resumed run continues after them);
+        files are named `<stem>_NNNNN` (stem: the split; prepare's tasks add their number)."""
         if shard_tokens <= 0:
             raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
         self.out_dir = Path(out_dir)
-        self.split = split
+        self.split, self.stem = split, stem or split
         self.dtype = _np_dtype(dtype, "ShardWriter")
         self.max_id = np.iinfo(self.dtype).max
         if not 0 <= eos_id <= self.max_id:
@@ -80,7 +81,7 @@ class ShardWriter:
         self._closed = False
 
     def _open_shard(self) -> None:
-        name = f"{self.split}_{len(self.shards):05d}"
+        name = f"{self.stem}_{len(self.shards):05d}"
         self._bin_path = self.out_dir / f"{name}.bin"
         self._bin_tmp = self._bin_path.with_name(self._bin_path.name + ".tmp")
         self._file = open(self._bin_tmp, "wb")

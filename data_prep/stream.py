@@ -54,7 +54,9 @@ class EncodePass:
     """Builds the train and val shards of one prepare run in `work` (see the module doc)."""
 
     def __init__(self, work: WorkDir, config: dict, tok: Tokenizer, tok_path: Path, dtype: str, workers: int,
-                 show_progress: bool):
+                 show_progress: bool, stem_tag: str = ""):
+        """`stem_tag` goes into shard names after the split (a task's number: train_t00003_00000.bin)."""
+        self.stem_tag = stem_tag
         self.work, self.config, self.tok, self.tok_path = work, config, tok, tok_path
         self.dtype, self.workers, self.show_progress = np.dtype(dtype), workers, show_progress
         self.fail_after = int(os.environ.get(FAIL_AFTER_ENV) or 0)
@@ -69,7 +71,8 @@ class EncodePass:
         progress = self._open_progress()
         start = progress["train"]["next"]
         self.train = ShardWriter(self.work.path, "train", self.dtype.name, self.tok.eos_id,
-                                 shard_tokens=self.config["shard_tokens"], shards=progress["train"]["shards"])
+                                 shard_tokens=self.config["shard_tokens"], shards=progress["train"]["shards"],
+                                 stem="train" + self.stem_tag)
         self.train_bytes = progress["train"]["bytes"]
         self._open_pending(progress["pending"]["docs"], progress["pending"]["tokens"])
         stats = SourceStats()
@@ -195,7 +198,7 @@ class EncodePass:
             f.flush()
         self.work.remove_unlisted("val", [])
         writer = ShardWriter(self.work.path, "val", self.dtype.name, self.tok.eos_id,
-                             shard_tokens=self.config["shard_tokens"])
+                             shard_tokens=self.config["shard_tokens"], stem="val" + self.stem_tag)
         index = np.fromfile(self.work.path / PENDING_INDEX, dtype=_INDEX).reshape(-1, 3)
         tokens = np.memmap(self.work.path / PENDING_TOKENS, dtype=self.dtype, mode="r") if self.pending_tokens else None
         offset, nbytes = 0, 0

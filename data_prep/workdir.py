@@ -27,8 +27,8 @@ def fingerprint(config: dict, files: list[Path]) -> str:
 
 
 class WorkDir:
-    def __init__(self, out: Path):
-        self.path = out.parent / f"{out.name}.tmp-prepare"
+    def __init__(self, out: Path, path: Path | None = None):
+        self.path = path if path is not None else out.parent / f"{out.name}.tmp-prepare"
         self._lock = None
         self.state: dict = {}
 

@@ -292,3 +292,144 @@ def test_a_saved_datasets_directory_and_a_parquet_folder_are_inputs(tmp_path):
     assert meta["source"]["files"] == 3 and meta["source"]["documents_read"] == 40
     with pytest.raises(DataError, match="has no column 'body'"):
         list(iter_documents([str(tmp_path / "saved")], text_field="body", strict=True))
+
+
+# ---- many tasks, one dataset --------------------------------------------------------------------------------
+
+def _words(rng, n, vocab=3000):
+    return " ".join(f"w{rng.randrange(vocab)}" for _ in range(n))
+
+
+def _one_word_changed(text, rng):
+    words = text.split()
+    words[rng.randrange(10, len(words) - 10)] = f"x{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def task_corpus(tmp_path_factory):
+    """60 files (text and JSONL) with exact copies, near copies and val/train overlaps across files."""
+    rng = random.Random(11)
+    root = tmp_path_factory.mktemp("tasks")
+    src = root / "src"
+    src.mkdir()
+    originals = [_words(rng, 80) for _ in range(150)]
+    docs = list(originals)
+    docs += [originals[i] + "\n" for i in range(0, 150, 10)]  # exact copies (whitespace differs)
+    docs += [_one_word_changed(originals[i], rng) for i in range(5, 150, 9)]  # near copies (Jaccard ~0.88)
+    docs += ["", "   "]  # cleaning drops these
+    rng.shuffle(docs)
+    for f in range(60):
+        part = docs[f::60]
+        if f % 3 == 0:
+            (src / f"part{f:02d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+        else:  # one document per text file: the rest of this slice goes into its own files
+            for j, d in enumerate(part):
+                (src / f"file{f:02d}_{j}.txt").write_text(d)
+    from data_prep.prepare import prepare_tokenizer
+    prepare_tokenizer([str(src)], root / "tok", vocab_size=400, show_progress=False)
+    single = prepare([str(src)], root / "single", tokenizer_dir=root / "tok", shard_tokens=3000, val_fraction=0.2,
+                     show_progress=False)
+    return src, root / "tok", root / "single", single
+
+
+def _documents_by_split(out):
+    from data_prep import load_tokenizer
+    tok = load_tokenizer(out)
+    return {s: sorted(tok.decode(TokenReader(out, s).document(i)) for i in range(TokenReader(out, s).num_docs))
+            for s in ("train", "val")}
+
+
+def _removed(out):
+    return {k: v["count"] for k, v in json.loads((out / "manifest.json").read_text())["removed"].items()}
+
+
+def test_two_tasks_keep_the_documents_one_task_keeps(task_corpus, tmp_path):
+    from data_prep.tasks import STAGES, merge
+    src, tok, single_out, single = task_corpus
+    out = tmp_path / "out"
+    for stage in STAGES:  # each stage for every task before the next: what chained array jobs do
+        for k in (0, 1):
+            prepare([str(src)], out, tokenizer_dir=tok, shard_tokens=3000, val_fraction=0.2, show_progress=False,
+                    tasks=2, task=k, stage=stage)
+    meta = merge(out)
+    assert meta["source"]["tasks"] == 2 and not (tmp_path / "out.tmp-tasks").exists()
+    removed = _removed(single_out)
+    near = removed.get("duplicate_near", 0) + removed.get("val_train_overlap_near", 0)
+    exact = removed.get("duplicate_exact", 0) + removed.get("val_train_overlap_exact", 0)
+    assert exact == 15 and near >= 14  # the planted copies were found (15 exact, 17 near)
+    assert _removed(out) == removed
+    for split in ("train", "val"):
+        assert meta["splits"][split]["tokens"] == single["splits"][split]["tokens"]
+        assert meta["splits"][split]["docs"] == single["splits"][split]["docs"]
+    assert _documents_by_split(out) == _documents_by_split(single_out)
+    names = {sh["file"] for sh in meta["splits"]["train"]["shards"]}
+    assert any(n.startswith("train_t00000_") for n in names) and any(n.startswith("train_t00001_") for n in names)
+    for split in ("train", "val"):
+        TokenReader(out, split).verify()
+
+
+def test_a_killed_task_resumes_and_the_merge_checks_every_task(task_corpus, tmp_path, monkeypatch):
+    import threading
+
+    from data_prep.prepare import FAIL_AFTER_ENV
+    from data_prep.tasks import merge
+    src, tok, single_out, single = task_corpus
+    out = tmp_path / "out"
+    kw = dict(tokenizer_dir=tok, shard_tokens=3000, val_fraction=0.2, show_progress=False, tasks=2)
+    errors = {}
+
+    def run(k):  # both tasks at once, waiting for each other at the stage barriers
+        try:
+            prepare([str(src)], out, task=k, **kw)
+        except BaseException as e:
+            errors[k] = e
+
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")  # every task dies after its first new shard
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    assert all("simulated interruption" in str(errors.get(k)) for k in (0, 1))
+    with pytest.raises(DataError, match="tasks 0, 1 of 2 have not finished"):
+        merge(out)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    state = json.loads((tmp_path / "out.tmp-tasks" / "task-00001" / "state.json").read_text())
+    assert len(state["progress"]["train"]["shards"]) == 1  # the shard written before the kill is kept
+    signed = (tmp_path / "out.tmp-tasks" / "task-00001" / "sign.done").stat().st_mtime_ns
+    for k in (0, 1):
+        summary = prepare([str(src)], out, task=k, **kw)
+    assert summary["task"] == 1
+    assert (tmp_path / "out.tmp-tasks" / "task-00001" / "sign.done").stat().st_mtime_ns == signed  # not redone
+    shard = next((tmp_path / "out.tmp-tasks" / "task-00000").glob("train_t00000_00000.bin"))
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train_t00000_00000.bin: checksum or token ids disagree"):
+        merge(out)
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    meta = merge(out)
+    assert _documents_by_split(out) == _documents_by_split(single_out)
+    assert meta["splits"]["train"]["tokens"] == single["splits"]["train"]["tokens"]
+
+
+def test_task_numbers_come_from_flags_slurm_or_torchrun(monkeypatch):
+    from data_prep.tasks import file_task, task_from_environment
+    for var in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert task_from_environment(None, None) == (1, 0)
+    assert task_from_environment(4, 3) == (4, 3)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    assert task_from_environment(None, None) == (8, 5)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "16")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "11")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert task_from_environment(None, None) == (16, 10)
+    with pytest.raises(DataError, match="task 4 is not one of the 4 tasks"):
+        task_from_environment(4, 4)
+    # adding files moves no other file between tasks
+    files = [f"corpus/part{i}.jsonl" for i in range(200)]
+    before = {f: file_task(f, 8) for f in files}
+    assert {f: file_task(f, 8) for f in files + ["corpus/new.jsonl"]} | {} == before | {"corpus/new.jsonl": file_task("corpus/new.jsonl", 8)}
+    assert len(set(before.values())) == 8

@@ -1,0 +1,371 @@
+"""Prepare on many machines: N tasks (a SLURM array, torchrun-style ranks, shell loops) each take a share of
+the files and write their own shards; `python -m data_prep merge OUT` then writes the one meta.json.
+
+A file belongs to task blake2b(path) mod N, so adding files moves no other file between tasks. Every task
+lists all inputs (cheap) so the document order, `(file number, record number)`, is the same everywhere.
+The tokenizer is trained once, before the tasks (`python -m data_prep tokenizer`), and passed to each.
+The work happens in `OUT.tmp-tasks/task-KKKKK/`, in three stages with a barrier between them (a stage
+waits until every task has finished the one before; `--stage` runs one stage, for schedulers that chain
+jobs instead of running all tasks at once):
+
+  sign    read and clean my files; per document: side (the same seeded score as one task), exact key,
+          MinHash signature. Exact keys go to task key mod N, LSH band keys to task band-key mod N.
+  match   take my share of exact keys and band keys from every task: exact groups, LSH buckets whose
+          pairs reach the threshold (signatures read from their tasks' files), and from them the same
+          per-document match flags the one-task planner computes (plan.py); flags go to their owners.
+  encode  OR the flags sent to me, resolve my documents' fates (plan.resolve), read my files again and
+          encode the kept documents into shards named train_tKKKKK_NNNNN.bin; resumable per shard.
+
+Exact dedup is exact: a key's copies all land in one task. Near dedup is as approximate as with one task,
+and identical to it: both check the same candidate pairs (those sharing an LSH band), so the kept
+documents and token counts equal a one-task run's. Two things one task does that tasks do not: when a
+tiny corpus leaves one side empty, one task moves a document across; tasks leave it to merge, which
+refuses an empty val split. Manifest examples name a file, not a record.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .cleaning import CleanConfig, Cleaner
+from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key
+from .errors import DataError
+from .fileio import atomic_write_json, file_sha256
+from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, pair_flags, resolve, val_score
+from .shards import META_FILE, dtype_for_vocab, scan_tokens
+from .sources import Document, SourceStats, iter_files
+from .stream import EncodePass, is_single_document, position_cut
+from .tally import Tally
+from .tokenizer import load_tokenizer
+from .workdir import WorkDir, fingerprint
+
+STAGES = ("sign", "match", "encode")
+POLL_S = 0.5
+_DOCS = np.dtype([("order", "<i8"), ("side", "u1"), ("chars", "<i8")])
+_EXACT = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("order", "<i8"), ("side", "u1"), ("task", "<i4"), ("index", "<i8")])
+_BAND = np.dtype([("band", "<i4"), ("key", "<u8"), ("order", "<i8"), ("side", "u1"), ("task", "<i4"), ("index", "<i8")])
+_FLAGS = np.dtype([("index", "<i8"), ("flags", "u1")])
+_RECORD_BITS = 40  # order = file number << 40 | record number within the file
+
+
+def task_from_environment(tasks: int | None, task: int | None) -> tuple[int, int]:
+    """(tasks, task) from the flags, else SLURM array variables, else torchrun-style WORLD_SIZE/RANK, else (1, 0)."""
+    env = os.environ
+    if tasks is None:
+        for count, index in (("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"), ("WORLD_SIZE", "RANK")):
+            if env.get(count) and env.get(index):
+                tasks, task = int(env[count]), int(env[index]) if task is None else task
+                if count.startswith("SLURM"):  # arrays may start at any index: count from the first
+                    task -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+                break
+    tasks, task = tasks or 1, task or 0
+    if tasks < 1 or not 0 <= task < tasks:
+        raise DataError(f"task {task} is not one of the {tasks} tasks (0..{tasks - 1})")
+    return tasks, task
+
+
+def file_task(path, tasks: int) -> int:
+    return int.from_bytes(hashlib.blake2b(str(path).encode("utf-8"), digest_size=8).digest(), "big") % tasks
+
+
+def tasks_root(out: Path) -> Path:
+    return out.parent / f"{out.name}.tmp-tasks"
+
+
+def _task_dir(out: Path, k: int) -> Path:
+    return tasks_root(out) / f"task-{k:05d}"
+
+
+class Task:
+    def __init__(self, out: Path, config: dict, files: list, tasks: int, task: int, clean_cfg: CleanConfig,
+                 minhash: MinHashConfig, workers: int, show_progress: bool, wait_s: float):
+        self.out, self.config, self.tasks, self.task = out, config, tasks, task
+        self.clean_cfg, self.minhash, self.workers = clean_cfg, minhash, workers
+        self.show_progress, self.wait_s = show_progress, wait_s
+        self.all_files = files
+        self.mine = [(n, f) for n, f in enumerate(files) if file_task(f, tasks) == task]
+        self.single = is_single_document(files)
+        tasks_root(out).mkdir(parents=True, exist_ok=True)
+        self.work = WorkDir(out, _task_dir(out, task))
+        self.fp = fingerprint(dict(config, tasks=tasks), files)
+        shared = dict(config, files=[str(f) for f in files], tasks=tasks)
+        atomic_write_json(tasks_root(out) / f"config-{task:05d}.json", shared)  # merge reads task 0's
+
+    @property
+    def path(self) -> Path:
+        return self.work.path
+
+    def run(self, stage: str = "all") -> dict:
+        if stage not in (*STAGES, "all"):
+            raise DataError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)} or all)")
+        self.work.open(self.fp)
+        try:
+            for name in STAGES if stage == "all" else (stage,):
+                if not (self.path / f"{name}.done").is_file():
+                    getattr(self, f"_{name}")()
+            return json.loads((self.path / f"{stage if stage != 'all' else 'encode'}.done").read_text())
+        finally:
+            self.work.close()
+
+    # ---- stage 1: sign ---------------------------------------------------------------------------------
+
+    def _documents(self, stats: SourceStats | None = None):
+        """(local index, order, document) of my files, in the global order."""
+        local = 0
+        for number, f in self.mine:
+            for record, doc in enumerate(iter_files([f], self.config["text_field"], stats=stats,
+                                                    strict=self.config["strict"])):
+                yield local, (number << _RECORD_BITS) | record, doc
+                local += 1
+
+    def _sign(self) -> None:
+        cfg, n = self.config, self.tasks
+        cleaner, stats = Cleaner(self.clean_cfg), SourceStats()
+        vf, seed = cfg["val_fraction"], cfg["seed"]
+        near = cfg["dedup"] == "near" or (cfg["leakage"] != "off" and vf > 0)
+        hasher, bands = (MinHasher(self.minhash), LSHIndex(self.minhash)) if near else (None, None)
+        docs, exact, band_rows = [], [], []
+        sigs = open(self.path / "sigs.u32", "wb")
+        for local, order, doc in tqdm(self._documents(stats), desc=f"sign (task {self.task})", unit="doc",
+                                      disable=not self.show_progress):
+            text = cleaner.clean(doc.text, doc.source)
+            if text is None:
+                docs.append((order, DROP, 0))
+                sigs.write(bytes(4 * self.minhash.num_perm))
+                continue
+            side = TRAIN if vf == 0 or self.single else (VAL if val_score(seed, Document(text, doc.source)) < vf else TRAIN)
+            docs.append((order, side, len(text)))
+            key = exact_key(text)
+            exact.append((int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"), order, side,
+                          self.task, local))
+            sig = hasher.signature(text) if hasher is not None and not self.single else None
+            sigs.write((sig if sig is not None else np.zeros(self.minhash.num_perm, np.uint32)).tobytes())
+            if sig is not None:
+                for b, k in enumerate(bands.band_keys(sig)):
+                    band_rows.append((b, k, order, side, self.task, local))
+        sigs.close()
+        np.save(self.path / "docs.npy", np.array(docs, dtype=_DOCS))
+        exact_arr, band_arr = np.array(exact, dtype=_EXACT), np.array(band_rows, dtype=_BAND)
+        for k in range(n):
+            np.save(self.path / f"exact-to-{k:05d}.npy", exact_arr[exact_arr["hi"] % n == k])
+            np.save(self.path / f"bands-to-{k:05d}.npy", band_arr[_mix(band_arr["key"]) % np.uint64(n) == k])
+        atomic_write_json(self.path / "sign.done", {
+            "fingerprint": self.fp, "documents": len(docs), "files": stats.files, "bytes": stats.bytes,
+            "skipped": stats.skipped.to_json(), "dropped": cleaner.dropped.to_json(),
+            "modified": cleaner.modified.to_json()})
+
+    # ---- stage 2: match --------------------------------------------------------------------------------
+
+    def _match(self) -> None:
+        self._wait_for("sign")
+        n, k = self.tasks, self.task
+        flags = {t: {} for t in range(n)}  # owner task -> {local index: flags}
+
+        def add(task: int, index: int, flag: int) -> None:
+            if flag:
+                flags[task][index] = flags[task].get(index, 0) | flag
+
+        exact = np.concatenate([np.load(_task_dir(self.out, t) / f"exact-to-{k:05d}.npy") for t in range(n)])
+        exact.sort(order=["hi", "lo", "order"])
+        starts = np.flatnonzero(np.r_[True, (exact["hi"][1:] != exact["hi"][:-1]) | (exact["lo"][1:] != exact["lo"][:-1])])
+        for a, b in zip(starts, np.r_[starts[1:], len(exact)]):
+            if b - a < 2:
+                continue
+            group = exact[a:b]
+            seen_sides, has_train = set(), bool((group["side"] == TRAIN).any())
+            for row in group:
+                side = int(row["side"])
+                if side in seen_sides:
+                    add(int(row["task"]), int(row["index"]), EXACT_DUP)
+                seen_sides.add(side)
+                if side == VAL and has_train:
+                    add(int(row["task"]), int(row["index"]), TRAIN_EXACT)
+
+        bands = np.concatenate([np.load(_task_dir(self.out, t) / f"bands-to-{k:05d}.npy") for t in range(n)])
+        bands.sort(order=["band", "key", "order"])
+        sigs = {t: np.memmap(_task_dir(self.out, t) / "sigs.u32", dtype=np.uint32, mode="r").reshape(-1, self.minhash.num_perm)
+                for t in range(n) if (_task_dir(self.out, t) / "sigs.u32").stat().st_size}
+        checked: set[tuple] = set()
+        same = np.r_[False, (bands["band"][1:] == bands["band"][:-1]) & (bands["key"][1:] == bands["key"][:-1])]
+        starts = np.flatnonzero(~same)
+        for a, b in zip(starts, np.r_[starts[1:], len(bands)]):
+            bucket = bands[a:b]
+            for i in range(len(bucket)):
+                for j in range(i + 1, len(bucket)):
+                    e, l = bucket[i], bucket[j]  # e comes first in the document order
+                    pair = (int(e["task"]), int(e["index"]), int(l["task"]), int(l["index"]))
+                    if pair in checked:
+                        continue
+                    checked.add(pair)
+                    est = float((sigs[pair[0]][pair[1]] == sigs[pair[2]][pair[3]]).mean())
+                    if est >= self.minhash.threshold:
+                        fe, fl = pair_flags(int(e["side"]), int(l["side"]), NEAR_DUP, TRAIN_NEAR)
+                        add(pair[0], pair[1], fe)
+                        add(pair[2], pair[3], fl)
+        for t in range(n):
+            rows = np.array(sorted(flags[t].items()), dtype=_FLAGS) if flags[t] else np.zeros(0, _FLAGS)
+            np.save(self.path / f"flags-to-{t:05d}.npy", rows)
+        atomic_write_json(self.path / "match.done", {"fingerprint": self.fp, "pairs_checked": len(checked)})
+
+    # ---- stage 3: encode -------------------------------------------------------------------------------
+
+    def _encode(self) -> None:
+        self._wait_for("match")
+        cfg = self.config
+        docs = np.load(self.path / "docs.npy")
+        flags = np.zeros(len(docs), dtype=np.uint8)
+        for t in range(self.tasks):
+            rows = np.load(_task_dir(self.out, t) / f"flags-to-{self.task:05d}.npy")
+            np.bitwise_or.at(flags, rows["index"], rows["flags"])
+        side, reasons = resolve(docs["side"].copy(), flags, cfg["dedup"], cfg["leakage"])
+        tok = load_tokenizer(Path(cfg["tokenizer_dir"]))
+        tok_path = Path(cfg["tokenizer_dir"]) / tok.file_name
+        vf, cleaner = cfg["val_fraction"], Cleaner(self.clean_cfg)
+        position = self.single and vf > 0
+
+        def decide(ordinal: int, doc: Document) -> list[tuple[str, str]]:
+            s = int(side[ordinal])
+            text = cleaner.clean(doc.text, doc.source) if s != DROP else None
+            if text is None:
+                return []
+            if position:
+                cut = position_cut(len(text), vf, doc.source)
+                return [("train", text[:cut]), ("val", text[cut:])]
+            return [("train" if s == TRAIN else "val", text)]
+
+        encoder = EncodePass(self.work, dict(cfg, files=[f for _, f in self.mine]), tok, tok_path,
+                             dtype_for_vocab(tok.vocab_size), self.workers, self.show_progress,
+                             stem_tag=f"_t{self.task:05d}")
+        try:
+            encoder.encode(decide)
+            entries = encoder.finish(lambda ordinal: True)  # every pending val document is final here
+        except BaseException:
+            encoder.abort()
+            raise
+        sign = json.loads((self.path / "sign.done").read_text())
+        removed = Tally.from_json(sign["dropped"])
+        for reason, mask in reasons.items():
+            if mask.any():
+                removed.add(reason, str(self.all_files[int(docs["order"][np.argmax(mask)]) >> _RECORD_BITS]),
+                            int(mask.sum()))
+        atomic_write_json(self.path / "encode.done", {
+            "fingerprint": self.fp, "task": self.task, "tasks": self.tasks, "entries": entries,
+            "documents_read": len(docs), "documents": int((side != DROP).sum()), "files": sign["files"],
+            "bytes": sign["bytes"], "skipped": sign["skipped"], "removed": removed.to_json(),
+            "modified": sign["modified"], "tokenizer_sha256": file_sha256(tok_path)})
+
+    # ---- barrier ---------------------------------------------------------------------------------------
+
+    def _wait_for(self, stage: str) -> None:
+        deadline, told = time.monotonic() + self.wait_s, False
+        while True:
+            missing = []
+            for t in range(self.tasks):
+                done = _task_dir(self.out, t) / f"{stage}.done"
+                if not done.is_file():
+                    missing.append(t)
+                elif json.loads(done.read_text())["fingerprint"] != self.fp:
+                    raise DataError(f"{done}: task {t} ran with other inputs or settings than task {self.task}")
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise DataError(f"task {self.task}: tasks {_ranges(missing)} did not finish stage {stage} within "
+                                f"{self.wait_s:.0f} s (run them, or run each stage for all tasks before the next: --stage)")
+            if not told:
+                print(f"task {self.task}: waiting for tasks {_ranges(missing)} to finish stage {stage}", file=sys.stderr)
+                told = True
+            time.sleep(POLL_S)
+
+
+def _mix(keys: np.ndarray) -> np.ndarray:
+    from .hashing import mix64
+    return mix64(keys)
+
+
+def _ranges(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:8])) + (f" and {len(numbers) - 8} more" if len(numbers) > 8 else "")
+
+
+def merge(out: Path, overwrite: bool = False) -> dict:
+    """Check every task's result and publish the dataset: shards moved in, one meta.json and manifest.json."""
+    from .prepare import MANIFEST_FILE, _check_out_dir, _manifest, _meta, _publish
+
+    out = Path(out)
+    root = tasks_root(out)
+    try:
+        config = json.loads((root / "config-00000.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{root}: no task has started here (run python -m data_prep prepare ... --tasks N first)") from None
+    tasks = config["tasks"]
+    missing = [k for k in range(tasks) if not (_task_dir(out, k) / "encode.done").is_file()]
+    if missing:
+        raise DataError(f"{root}: tasks {_ranges(missing)} of {tasks} have not finished")
+    results = [json.loads((_task_dir(out, k) / "encode.done").read_text()) for k in range(tasks)]
+    for k, r in enumerate(results):
+        if r["fingerprint"] != results[0]["fingerprint"] or r["tokenizer_sha256"] != results[0]["tokenizer_sha256"]:
+            raise DataError(f"{_task_dir(out, k)}: task {k} ran with other inputs, settings or tokenizer than task 0")
+    _check_out_dir(out, overwrite)
+    tok = load_tokenizer(Path(config["tokenizer_dir"]))
+    dtype = dtype_for_vocab(tok.vocab_size)
+    staging = root / "merged"
+    staging.mkdir(exist_ok=True)
+    entries = {s: {"tokens": 0, "docs": 0, "shards": [], "bytes": 0} for s in ("train", "val")}
+    for k, r in enumerate(results):
+        for split, entry in r["entries"].items():
+            for shard in entry["shards"]:
+                _check_shard(_task_dir(out, k), shard, dtype, tok.vocab_size)
+            for key in ("tokens", "docs", "bytes"):
+                entries[split][key] += entry[key]
+            entries[split]["shards"] += entry["shards"]
+    if config["val_fraction"] > 0 and entries["val"]["docs"] == 0:
+        raise DataError(f"{root}: no val documents are left across the {tasks} tasks (raise val_fraction)")
+    if config["val_fraction"] == 0:
+        del entries["val"]
+    for k, r in enumerate(results):
+        for entry in r["entries"].values():
+            for shard in entry["shards"]:
+                for name in (shard["file"], shard["index"]):
+                    if (_task_dir(out, k) / name).is_file():
+                        os.replace(_task_dir(out, k) / name, staging / name)
+    tok_path = Path(config["tokenizer_dir"]) / tok.file_name
+    (staging / tok.file_name).write_bytes(tok_path.read_bytes())
+    removed, modified, skipped = Tally(), Tally(), Tally()
+    for r in results:
+        for total, part in ((removed, r["removed"]), (modified, r["modified"]), (skipped, r["skipped"])):
+            for reason, v in part.items():
+                total.add(reason, v["example"], v["count"])
+    info = {"trained_on": f"reused from {config['tokenizer_dir']}", "split_mode": "position" if is_single_document(
+                [Path(f) for f in config["files"]]) and config["val_fraction"] > 0 else
+            ("document" if config["val_fraction"] > 0 else "none"),
+            "removed": removed.to_json(), "modified": modified.to_json(), "skipped": skipped.to_json(),
+            "documents_seen": sum(r["documents_read"] for r in results), "files": sum(r["files"] for r in results),
+            "bytes": sum(r["bytes"] for r in results), "excluded_files": config["excluded_files"],
+            "documents": sum(r["documents"] for r in results)}
+    meta = _meta(config, tok, staging / tok.file_name, info, entries, dtype)
+    meta["source"]["tasks"] = tasks
+    manifest = _manifest(config, info, meta)
+    atomic_write_json(staging / MANIFEST_FILE, manifest)
+    atomic_write_json(staging / META_FILE, meta)
+    _publish(staging, out, overwrite)
+    shutil.rmtree(root, ignore_errors=True)
+    return meta
+
+
+def _check_shard(directory: Path, shard: dict, dtype: str, vocab_size: int) -> None:
+    path = directory / shard["file"]
+    if not path.is_file():
+        raise DataError(f"{path}: shard named in the task's manifest is missing")
+    tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if path.stat().st_size else np.zeros(0)
+    if tokens.size != shard["tokens"]:
+        raise DataError(f"{path}: {tokens.size} tokens, the task's manifest says {shard['tokens']}")
+    digest, bad = scan_tokens(tokens, "crc32", vocab_size)
+    if digest != shard["crc32"] or bad is not None:
+        raise DataError(f"{path}: checksum or token ids disagree with the task's manifest")
