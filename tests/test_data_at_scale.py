@@ -433,3 +433,26 @@ def test_task_numbers_come_from_flags_slurm_or_torchrun(monkeypatch):
     before = {f: file_task(f, 8) for f in files}
     assert {f: file_task(f, 8) for f in files + ["corpus/new.jsonl"]} | {} == before | {"corpus/new.jsonl": file_task("corpus/new.jsonl", 8)}
     assert len(set(before.values())) == 8
+
+
+@pytest.mark.slow
+def test_prepare_sbatch_steps_run_as_a_slurm_array_would(task_corpus, tmp_path):
+    """configs/prepare.sbatch's three steps as SLURM runs them: tokenizer, two array tasks at once, merge."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    src, _, single_out, _ = task_corpus
+    env = dict(os.environ, PREPARE_SETTINGS="--vocab-size 400 --val-fraction 0.2 --shard-tokens 3000",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = tmp_path / "data"
+    script = str(root / "configs" / "prepare.sbatch")
+    tok_settings = dict(env, PREPARE_SETTINGS="--vocab-size 400 --val-fraction 0.2")
+    subprocess.run(["bash", script, "tokenizer", str(out), str(src)], env=tok_settings, check=True, cwd=root)
+    tasks = [subprocess.Popen(["bash", script, "task", str(out), str(src)], cwd=root, stderr=subprocess.PIPE,
+                              env=dict(env, SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_ID=str(k),
+                                       SLURM_ARRAY_TASK_MIN="0", SLURM_CPUS_PER_TASK="1")) for k in (0, 1)]
+    for p in tasks:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    subprocess.run(["bash", script, "merge", str(out)], env=env, check=True, cwd=root)
+    assert _documents_by_split(out) == _documents_by_split(single_out)
