@@ -72,7 +72,7 @@ def encoders(tok: BPETokenizer, texts: list[str], repeat: int) -> dict:
     tk_s = best_of(lambda: [fast(p) for p in pieces], repeat)
     with ThreadPoolExecutor(2) as pool:
         tk2_s = best_of(lambda: list(pool.map(lambda ps: [fast(p) for p in ps], [pieces[0::2], pieces[1::2]])), repeat)
-    equal = all(fast(p) == ids for p, ids in zip(pieces, tok.encode_batch(pieces)))
+    equal = all(list(fast(p)) == ids for p, ids in zip(pieces, tok.encode_batch(pieces)))
     return {"mb": mb, "hf_mb_s": mb / hf_s, "tiktoken_1t_mb_s": mb / tk_s, "tiktoken_2t_mb_s": mb / tk2_s,
             "ids_equal": equal, "pieces": pieces}
 

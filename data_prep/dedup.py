@@ -1,8 +1,8 @@
 """Duplicate detection: exact (hash of whitespace-normalized text) and near (MinHash-LSH on word n-grams).
 
 MinHash is vectorized with numpy: word hashes come from one polynomial prefix hash over the UTF-8 bytes,
-n-gram shingles combine n word hashes, and each of the `bands * rows` permutations is an affine map
-mod 2^32 of the shingle hash, minimized in blocks. Hash constants are fixed by a seed, so decisions are
+n-gram shingles combine n word hashes, and one-permutation hashing spreads each shingle's hash over the
+`bands * rows` signature bins (see MinHasher.signature). Hash constants are fixed by a seed, so decisions are
 reproducible across runs and processes (Python's own `hash` is salted per process).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .hashing import mix64
 _U64 = np.uint64
 _P32 = 0x01000193  # odd multiplier of the byte-level polynomial word hash (mod 2^32)
 _P32_INV = pow(_P32, -1, 1 << 32)
-_BLOCK = 8192  # shingles per permutation block: bounds the (num_perm, block) temporary
+_DENSIFY_STEP = 0x9E3779B1  # odd: an empty bin's borrowed value differs from its source bin's
 _ASCII_SPACE = np.zeros(256, dtype=bool)
 _ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -51,10 +51,8 @@ class MinHasher:
     def __init__(self, config: MinHashConfig = MinHashConfig()):
         self.config = config
         rng = np.random.default_rng(config.seed)
-        # (a * x + b) mod 2^32 with odd a: a random permutation of 32-bit shingle hashes per row.
-        self._a = (rng.integers(0, 1 << 31, size=(config.num_perm, 1), dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
-        self._b = rng.integers(0, 1 << 32, size=(config.num_perm, 1), dtype=np.uint32)
         self._gram = rng.integers(0, 1 << 63, size=config.ngram, dtype=np.uint64) * _U64(2) + _U64(1)
+        self._salt = rng.integers(0, 1 << 63, dtype=np.uint64)
         self._pow = self._ipow = np.zeros(0, dtype=np.uint32)
 
     def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,33 +78,46 @@ class MinHasher:
             h = ((prefix[ends] - prefix[starts]) * ipw[starts]).astype(np.uint64)
             return mix64(h | ((ends - starts).astype(np.uint64) << _U64(32)))
 
-    def shingles(self, text: str) -> np.ndarray:
-        """uint32 hash of every n-word shingle."""
+    def _shingle_hashes(self, text: str) -> np.ndarray:
+        """uint64 hash of every n-word shingle (a short document is one shingle of all its words)."""
         words = self.word_hashes(text)
         n = self.config.ngram
         with np.errstate(over="ignore"):
-            if words.size < n:  # a short document is one shingle of all its words (none if no words)
+            if words.size < n:
                 acc = np.array([np.sum(words * self._gram[:words.size], dtype=np.uint64)]) if words.size else words
             else:
                 acc = np.zeros(words.size - n + 1, dtype=np.uint64)
                 for j in range(n):
                     acc += words[j:words.size - n + 1 + j] * self._gram[j]
-            return (mix64(acc) >> _U64(32)).astype(np.uint32)
+            return mix64(acc ^ self._salt)
+
+    def shingles(self, text: str) -> np.ndarray:
+        """uint32 hash of every n-word shingle."""
+        return (self._shingle_hashes(text) >> _U64(32)).astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray | None:
-        """uint32[num_perm] MinHash signature, or None for a text without words."""
-        sh = self.shingles(text)
-        if sh.size == 0:
+        """uint32[num_perm] one-permutation MinHash signature, or None for a text without words.
+
+        One hash per shingle instead of num_perm: its high bits choose a bin, its low 32 bits compete for
+        the bin's minimum (Li, Owen & Zhang 2012). Bins no shingle fell into borrow the value of the next
+        filled bin to their right, offset by the distance (rotation densification, Shrivastava & Li 2014),
+        so two documents' signatures agree in a bin with probability ~ their Jaccard similarity, as with
+        num_perm independent permutations, at ~1/num_perm of the cost.
+        """
+        h = self._shingle_hashes(text)
+        if h.size == 0:
             return None
-        sig = np.full(self.config.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-        buf = np.empty((self.config.num_perm, min(sh.size, _BLOCK)), dtype=np.uint32)
-        with np.errstate(over="ignore"):
-            for i in range(0, sh.size, _BLOCK):
-                block = sh[None, i:i + _BLOCK]
-                out = buf[:, :block.shape[1]]
-                np.multiply(self._a, block, out=out)
-                np.add(out, self._b, out=out)
-                np.minimum(sig, out.min(axis=1), out=sig)
+        k = self.config.num_perm
+        bins = (((h >> _U64(32)) * _U64(k)) >> _U64(32)).astype(np.intp)
+        sig = np.full(k, np.iinfo(np.uint32).max, dtype=np.uint32)
+        np.minimum.at(sig, bins, (h & _U64(0xFFFFFFFF)).astype(np.uint32))
+        filled = np.bincount(bins, minlength=k) > 0
+        if not filled.all():
+            idx = np.flatnonzero(filled)
+            right = idx[np.searchsorted(idx, np.arange(k)) % idx.size]  # next filled bin, circularly
+            distance = ((right - np.arange(k)) % k).astype(np.uint32)
+            with np.errstate(over="ignore"):
+                sig = np.where(filled, sig, sig[right] + distance * np.uint32(_DENSIFY_STEP))
         return sig
 
 

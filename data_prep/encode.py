@@ -39,11 +39,11 @@ def encode_chunk(tok: Tokenizer, texts: list[str], check: tuple[int, ...] = ()) 
     else:
         ids = [fast(t) for t in texts]
         for i in check:
-            if tok.encode(texts[i]) != ids[i]:
+            if not np.array_equal(np.asarray(ids[i], dtype=np.int64), tok.encode(texts[i])):
                 raise DataError(f"the tiktoken encoder gives other ids than HF tokenizers for a text starting "
                                 f"{texts[i][:40]!r}: set LMFORGE_ENCODER=hf to encode with HF tokenizers")
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((i for x in ids for i in x), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.concatenate([np.asarray(x, dtype=np.uint32) for x in ids]) if ids else np.zeros(0, np.uint32)
     nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     return flat, lengths, nbytes
 

@@ -120,9 +120,9 @@ class EncodePass:
                     texts.append(seg)
                     where.append((split, ordinal, doc.source, k == len(segments) - 1))
                     size += len(seg)
-            if size >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
-                yield where, texts
-                texts, where, size = [], [], 0
+                    if size >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:  # a huge document spans chunks
+                        yield where, texts
+                        texts, where, size = [], [], 0
         bar.close()
         if texts:
             yield where, texts

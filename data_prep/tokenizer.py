@@ -219,7 +219,9 @@ class BPETokenizer(Tokenizer):
         if self._fast is None:
             from .fast_bpe import convert
             enc = convert(self._tok.to_str())
-            self._fast = (lambda text: enc.encode_ordinary(text)) if enc is not None else False
+            # encode_to_numpy (tiktoken >= 0.8) skips building a list of Python ints; our Encoding has no
+            # special tokens, so it encodes every text as ordinary text, as encode_ordinary does.
+            self._fast = (False if enc is None else getattr(enc, "encode_to_numpy", None) or enc.encode_ordinary)
         return self._fast or None
 
     def decode(self, ids: Iterable[int]) -> str:
