@@ -8,6 +8,7 @@ reproducible across runs and processes (Python's own `hash` is salted per proces
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,11 +136,12 @@ class LSHIndex:
 
     def __init__(self, config: MinHashConfig = MinHashConfig()):
         self.config = config
-        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(config.bands)]
+        # band key -> row, or a list of rows once a bucket has several (most never do: ~60 bytes per entry saved)
+        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(config.bands)]
         self._band_mult = np.random.default_rng(config.seed + 1).integers(
             0, 1 << 63, size=config.rows, dtype=np.uint64) * _U64(2) + _U64(1)
         self._sigs = np.empty((64, config.num_perm), dtype=np.uint32)
-        self._keys: list[int] = []
+        self._keys = array("q")
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -154,7 +156,9 @@ class LSHIndex:
         """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first."""
         rows: set[int] = set()
         for band, key in enumerate(self.band_keys(sig)):
-            rows.update(self._buckets[band].get(key, ()))
+            held = self._buckets[band].get(key)
+            if held is not None:
+                rows.update(held) if isinstance(held, list) else rows.add(held)
         if not rows:
             return []
         cand = np.fromiter(sorted(rows), dtype=np.int64, count=len(rows))
@@ -168,4 +172,11 @@ class LSHIndex:
         self._sigs[row] = sig
         self._keys.append(key)
         for band, k in enumerate(self.band_keys(sig)):
-            self._buckets[band].setdefault(k, []).append(row)
+            bucket = self._buckets[band]
+            held = bucket.get(k)
+            if held is None:
+                bucket[k] = row
+            elif isinstance(held, list):
+                held.append(row)
+            else:
+                bucket[k] = [held, row]
