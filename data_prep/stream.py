@@ -4,10 +4,10 @@ encodes at once, the encoders working on earlier chunks while this thread reads 
 A train document's fate is final when the planner first sees it, so it goes straight into train shards.
 A val document can still be removed later (a later train document may turn out to be its copy), so val
 documents are encoded into a pending file and written into val shards, without the removed ones, at the
-end. A corpus that is one plain text file is one document cut by position (nanoGPT's convention), known
-before reading. When the planner's final adjustments change a train document's side (a corpus so small
-that one side came out empty, or one document left after dedup), the shards are rebuilt from the final
-plan by a second read (`fixed`): correct, and only tiny corpora take that path.
+end (finish). A corpus that is one plain text file is one document cut by position (nanoGPT's
+convention), known before reading. When the planner's final adjustments change a train document's side
+(a corpus so small that one side came out empty, or one document left after dedup), prepare resets this
+pass and encodes again from the final plan: correct, and only tiny corpora take that path.
 
 Resume: after each completed train shard the state records the shards, the next document ordinal and the
 length of the pending val file. A rerun replays the planner over the documents before that ordinal
@@ -110,8 +110,14 @@ class EncodePass:
     def _chunks(self, documents, route: Callable) -> Iterator[tuple[list, list[str]]]:
         """(where, texts) chunks; where[k] = (split, ordinal, source, is the document's last piece)."""
         splittable = self.tok.splits_at_lines
-        texts, where, size = [], [], 0
         bar = tqdm(desc="encode", unit="doc", disable=not self.show_progress)
+        try:
+            yield from self._chunk_documents(documents, route, bar, splittable)
+        finally:
+            bar.close()
+
+    def _chunk_documents(self, documents, route, bar, splittable):
+        texts, where, size = [], [], 0
         for ordinal, doc in enumerate(documents):
             bar.update()
             for split, piece in route(ordinal, doc):
@@ -123,19 +129,25 @@ class EncodePass:
                     if size >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:  # a huge document spans chunks
                         yield where, texts
                         texts, where, size = [], [], 0
-        bar.close()
         if texts:
             yield where, texts
 
     def _encode(self, chunks: Iterator) -> None:
         queued: list = []  # (where, texts) of chunks handed to the encoders, oldest first
+        source_failed = []
 
         def texts_of(chunks):
-            for chunk in chunks:
-                queued.append(chunk)
-                yield chunk[1]
+            try:
+                for chunk in chunks:
+                    queued.append(chunk)
+                    yield chunk[1]
+            except BaseException:
+                source_failed.append(True)  # reading or planning failed, not an encoder
+                raise
 
         partial: list[np.ndarray] = []  # ids of a document whose remaining pieces are still coming
+        nbytes = 0  # UTF-8 bytes of those pieces
+        due = None  # the ordinal a checkpoint waits for: every part of the one before it is written
         with ParallelEncoder(self.tok, self.tok_path, self.workers) as enc:
             results = enc.map(texts_of(chunks))
             while True:
@@ -144,18 +156,20 @@ class EncodePass:
                 except StopIteration:
                     break
                 except DataError:
-                    _explain(self.tok, queued[0])
+                    if not source_failed and queued:
+                        _explain(self.tok, queued[0])
                     raise
                 where, _ = queued.pop(0)
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
-                nbytes = 0
                 for k, (split, ordinal, _source, last) in enumerate(where):
+                    if due is not None and ordinal >= due:
+                        self._checkpoint(due)
+                        due = None
                     nbytes += int(doc_bytes[k])
                     partial.append(flat[offsets[k]:offsets[k + 1]])
                     if not last:
                         continue
                     ids = partial[0] if len(partial) == 1 else np.concatenate(partial)
-                    partial = []
                     if split == "val":
                         self._add_pending(ordinal, ids, nbytes)
                     else:
@@ -163,8 +177,10 @@ class EncodePass:
                         before = len(self.train.shards)
                         self.train.add_document(ids)
                         if len(self.train.shards) > before:
-                            self._checkpoint(ordinal + 1)
-                    nbytes = 0
+                            # A single document's val part comes after its train part: checkpoint once
+                            # the next document starts, so a resume never skips a part not yet written.
+                            due = ordinal + 1
+                    partial, nbytes = [], 0
 
     # ---- val documents: pending until the plan is final ----------------------------------------------
 

@@ -457,3 +457,41 @@ def test_prepare_sbatch_steps_run_as_a_slurm_array_would(task_corpus, tmp_path):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     subprocess.run(["bash", script, "merge", str(out)], env=env, check=True, cwd=root)
     assert _documents_by_split(out) == _documents_by_split(single_out)
+
+
+# ---- review findings: each failed on the first version of the streaming pass --------------------------------
+
+def test_a_resumed_single_document_run_keeps_its_val_part(tmp_path, monkeypatch):
+    """Killed while the val part of a single-document corpus was encoding, after its train part had closed
+    shards: the first version had checkpointed 'document 0 done' and the rerun published an empty val."""
+    from data_prep.stream import EncodePass
+    text = "".join(f"line {i} of the only document, with some words\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    ref = prepare([str(tmp_path / "one.txt")], tmp_path / "ref", tokenizer="char", shard_tokens=1000, show_progress=False)
+    real = EncodePass._add_pending
+
+    def killed(self, *args):
+        raise KeyboardInterrupt("killed while the val part was being written")
+
+    monkeypatch.setattr(EncodePass, "_add_pending", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(tmp_path / "one.txt")], tmp_path / "out", tokenizer="char", shard_tokens=1000, show_progress=False)
+    monkeypatch.setattr(EncodePass, "_add_pending", real)
+    meta = prepare([str(tmp_path / "one.txt")], tmp_path / "out", tokenizer="char", shard_tokens=1000,
+                   show_progress=False)
+    assert meta["splits"] == ref["splits"] and meta["splits"]["val"]["docs"] == 1
+
+
+def test_bytes_of_a_document_longer_than_an_encode_chunk_are_all_counted(tmp_path):
+    text = "word and another word\n" * 120_000  # 2.6 MB: three encode chunks
+    (tmp_path / "big.txt").write_text(text)
+    meta = prepare([str(tmp_path / "big.txt")], tmp_path / "out", tokenizer="char", show_progress=False)
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(text.encode())
+
+
+def test_a_bad_record_in_strict_mode_is_one_error_naming_it(code_corpus, tmp_path):
+    _, tok = code_corpus
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+        prepare([str(src)], tmp_path / "out", tokenizer_dir=tok, strict=True, show_progress=False)
