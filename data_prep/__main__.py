@@ -52,6 +52,9 @@ def _cmd_prepare(args) -> None:
         tokenizer_sample_bytes=args.tokenizer_sample_bytes or None,
         tasks=tasks, task=task, stage=args.stage, wait_s=args.wait,
     )
+    if tasks > 1 and "entries" not in meta:
+        print(f"task {task} of {tasks}: stage {args.stage} done")
+        return
     if tasks > 1:
         entries = meta["entries"]
         print(f"task {task} of {tasks}: {meta['documents']} documents kept of {meta['documents_read']}; " + ", ".join(

@@ -19,6 +19,9 @@ from .hashing import mix64
 _U64 = np.uint64
 _P32 = 0x01000193  # odd multiplier of the byte-level polynomial word hash (mod 2^32)
 _P32_INV = pow(_P32, -1, 1 << 32)
+# A bucket keeps its first BUCKET_CAP documents; later ones are compared with those only. Without a cap,
+# 50k copies of a boilerplate page would cost 50k^2 / 2 comparisons per band.
+BUCKET_CAP = 64
 _DENSIFY_STEP = 0x9E3779B1  # odd: an empty bin's borrowed value differs from its source bin's
 _ASCII_SPACE = np.zeros(256, dtype=bool)
 _ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
@@ -177,6 +180,7 @@ class LSHIndex:
             if held is None:
                 bucket[k] = row
             elif isinstance(held, list):
-                held.append(row)
+                if len(held) < BUCKET_CAP:
+                    held.append(row)
             else:
                 bucket[k] = [held, row]

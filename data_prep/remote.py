@@ -47,7 +47,9 @@ class RemoteFile:
 
     @property
     def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
+        """The last path component, without a query or fragment (it decides the format)."""
+        path = self.url.split("?", 1)[0].split("#", 1)[0]
+        return path.rstrip("/").rsplit("/", 1)[-1]
 
     def __str__(self) -> str:
         return self.url
@@ -60,17 +62,19 @@ class RemoteFile:
         # HTTP: one streaming GET (block_size=0) for the sequential formats; Parquet needs range requests.
         http = self.url.startswith(("http://", "https://")) and not self.name.endswith(".parquet")
         kwargs = {"block_size": 0} if http else {}
-        return io.BufferedReader(RetryingStream(self.url, lambda: fs.open(path, "rb", **kwargs)), buffer_size=1 << 20)
+        return io.BufferedReader(RetryingStream(self.url, lambda: fs.open(path, "rb", **kwargs), size=self.size),
+                                 buffer_size=1 << 20)
 
 
 def list_url(spec: str) -> list[RemoteFile]:
     """The files a URL names (see the module doc), sorted by URL."""
     fs, path = _filesystem(spec)
-    protocol = spec.split("://", 1)[0]
+    protocol = spec.split("://", 1)[0].lower()
+    http = protocol in ("http", "https")
     try:
-        if any(c in path for c in "*?["):
+        if not http and any(c in path for c in "*?["):  # HTTP cannot list; "?" starts its query
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif protocol not in ("http", "https") and fs.isdir(path):
+        elif not http and fs.isdir(path):
             paths = fs.find(path)
         else:
             paths = [path]
@@ -86,7 +90,7 @@ def list_url(spec: str) -> list[RemoteFile]:
     files = []
     for p, info in sorted(infos):
         url = p if "://" in p else fs.unstrip_protocol(p)
-        if protocol in ("http", "https"):
+        if http:
             url = spec  # fsspec's HTTP paths are the URL itself
         version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
                       or info.get("created") or "")
@@ -95,12 +99,13 @@ def list_url(spec: str) -> list[RemoteFile]:
 
 
 class RetryingStream(io.RawIOBase):
-    """A read-only stream over `opener()` that survives failed reads: reopen, seek back, read again."""
+    """A read-only stream over `opener()` that survives failed reads: reopen, seek back, read again. A stream
+    that ends before `size` bytes (when known) counts as a failed read."""
 
-    def __init__(self, url: str, opener, retries: int = RETRIES):
-        self.url, self._opener, self._retries = url, opener, retries
+    def __init__(self, url: str, opener, retries: int = RETRIES, size: int = 0):
+        self.url, self._opener, self._retries, self._size = url, opener, retries, size
         self._pos, self._file = 0, None
-        self._file = self._attempt(opener, "open")
+        self._file = self._attempt(opener, "open", reopen=False)
 
     def readable(self) -> bool:
         return True
@@ -112,14 +117,23 @@ class RetryingStream(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._attempt(lambda: self._file.seek(offset, whence), "seek")
+        try:
+            self._pos = self._file.seek(offset, whence)
+        except (ValueError, OSError, NotImplementedError) as e:
+            raise DataError(f"{self.url}: cannot seek in this stream ({e})") from None
         return self._pos
 
     def readinto(self, buffer) -> int:
-        data = self._attempt(lambda: self._file.read(len(buffer)), "read")
+        data = self._attempt(lambda: self._read(len(buffer)), "read")
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    def _read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if not data and n and self._size and self._pos < self._size:
+            raise OSError(f"the stream ended at byte {self._pos} of {self._size}")
+        return data
 
     def close(self) -> None:
         if self._file is not None:
@@ -130,18 +144,23 @@ class RetryingStream(io.RawIOBase):
             self._file = None
         super().close()
 
-    def _attempt(self, action, what: str):
+    def _attempt(self, action, what: str, reopen: bool = True):
         for k in range(self._retries + 1):
             try:
                 return action()
             except FileNotFoundError:
                 raise DataError(f"{self.url}: no such file") from None
+            except DataError:
+                raise
+            except (ValueError, TypeError) as e:  # a misuse, not a network failure: retrying cannot help
+                raise DataError(f"{self.url}: {what} failed ({type(e).__name__}: {e})") from None
             except Exception as e:  # network errors come as OSError, aiohttp's, botocore's ...
                 if k == self._retries:
                     raise DataError(f"{self.url}: {what} failed after {self._retries} retries "
                                     f"({type(e).__name__}: {e})") from None
                 time.sleep(BACKOFF_S * 2 ** k)
-                self._reopen()
+                if reopen:
+                    self._reopen()
 
     def _reopen(self) -> None:
         try:
@@ -163,7 +182,6 @@ class RetryingStream(io.RawIOBase):
                         left -= got
         except Exception:
             self._file = _Broken()  # the next attempt fails and counts as a retry
-
 
 class _Broken:
     def __getattr__(self, name):

@@ -54,7 +54,7 @@ def _expand(spec: str, patterns: list[str]) -> list:
         fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
         root = "/".join(parts[:fixed]) or ("/" if spec.startswith("/") else "")
         matcher = _GlobMatcher(parts[fixed:])
-        paths = [p for p in _walk(root or ".", patterns, prefix=root, follow_links=True)
+        paths = [p for p in _walk(root or ".", patterns, prefix=root, follow_links=True, max_depth=matcher.max_depth)
                  if matcher.matches(p[len(root):].lstrip("/").split("/"))]
         if not paths:
             raise DataError(f"{spec}: pattern matches no files")
@@ -73,14 +73,14 @@ def _sorted_paths(paths) -> list[Path]:
     return [Path(p) for p in sorted(paths, key=lambda p: p.split("/"))]
 
 
-def _walk(top: str, patterns: list[str], prefix: str, follow_links: bool) -> Iterator[str]:
+def _walk(top: str, patterns: list[str], prefix: str, follow_links: bool, max_depth: int | None = None) -> Iterator[str]:
     """Paths (as `prefix`/...) of the files under `top`, skipping directories an exclude pattern ending in
     "*" covers whole. Directory links are followed as glob follows them (a directory input is walked as
     Path.rglob walks it: without)."""
     prunable = [p for p in patterns if p.endswith("*")]
-    stack = [(top, prefix)]
+    stack = [(top, prefix, 0)]
     while stack:
-        directory, shown = stack.pop()
+        directory, shown, depth = stack.pop()
         try:
             entries = list(os.scandir(directory))
         except OSError:  # unreadable directories are skipped, as glob skips them
@@ -88,8 +88,8 @@ def _walk(top: str, patterns: list[str], prefix: str, follow_links: bool) -> Ite
         for entry in entries:
             path = f"{shown}/{entry.name}" if shown else entry.name
             if entry.is_dir(follow_symlinks=follow_links):
-                if not _excluded(Path(path), prunable, directory=True):
-                    stack.append((entry.path, path))
+                if (max_depth is None or depth < max_depth) and not _excluded(Path(path), prunable, directory=True):
+                    stack.append((entry.path, path, depth + 1))
             elif entry.is_file():  # not broken links, sockets, ...
                 yield path
 
@@ -108,14 +108,19 @@ class _GlobMatcher:
             else:
                 hidden = "" if part.startswith(".") else r"(?!\.)"
                 body.append(hidden + _component_regex(part) + ("" if last else "/"))
-        self._regex = re.compile("".join(body) + r"\Z", re.DOTALL)
+        try:
+            self._regex = re.compile("".join(body) + r"\Z", re.DOTALL)
+        except re.error as e:
+            raise DataError(f"{'/'.join(parts)}: not a valid glob pattern ({e})") from None
+        # without "**" a match has exactly len(parts) components: no need to walk deeper
+        self.max_depth = None if "**" in parts else len(parts) - 1
 
     def matches(self, names: list[str]) -> bool:
         return self._regex.match("/".join(names)) is not None
 
 
 def _component_regex(part: str) -> str:
-    """fnmatch's translation of one path component, with "*" and "?" kept inside it."""
+    """fnmatch's translation of one path component, with "*", "?" and "[...]" kept inside it."""
     out, i = [], 0
     while i < len(part):
         c = part[i]
@@ -125,13 +130,13 @@ def _component_regex(part: str) -> str:
         elif c == "?":
             out.append("[^/]")
         elif c == "[":
-            j = i + 1 if i < len(part) and part[i] in "!]" else i
-            j = part.find("]", j + (1 if j < len(part) and part[j] == "]" else 0))
+            j = i + 1 if i < len(part) and part[i] == "!" else i
+            j = part.find("]", j + 1 if j < len(part) and part[j] == "]" else j)
             if j < 0:
                 out.append(r"\[")
-            else:
-                inner = part[i:j].replace("\\", "\\\\")
-                out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]")
+            else:  # fnmatch's own bracket rules (a leading "^" is literal, empty ranges match nothing)
+                cls = fnmatch.translate(part[i - 1:j + 1])
+                out.append("(?!/)" + cls[cls.index(":") + 1:cls.rindex(")")])
                 i = j + 1
         else:
             out.append(re.escape(c))

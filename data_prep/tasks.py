@@ -36,10 +36,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .cleaning import CleanConfig, Cleaner
-from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key
+from .dedup import BUCKET_CAP, LSHIndex, MinHashConfig, MinHasher, exact_key
 from .errors import DataError
 from .fileio import atomic_write_json, file_sha256
-from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, pair_flags, resolve, val_score
+from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, resolve, val_score
 from .shards import META_FILE, dtype_for_vocab, scan_tokens
 from .sources import Document, SourceStats, iter_files
 from .stream import EncodePass, is_single_document, position_cut
@@ -57,15 +57,16 @@ _RECORD_BITS = 40  # order = file number << 40 | record number within the file
 
 
 def task_from_environment(tasks: int | None, task: int | None) -> tuple[int, int]:
-    """(tasks, task) from the flags, else SLURM array variables, else torchrun-style WORLD_SIZE/RANK, else (1, 0)."""
+    """(tasks, task): each from its flag, else from SLURM array variables, else from torchrun-style
+    WORLD_SIZE/RANK, else (1, 0). A SLURM array's ids are counted from its first (SLURM_ARRAY_TASK_MIN)."""
     env = os.environ
-    if tasks is None:
-        for count, index in (("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"), ("WORLD_SIZE", "RANK")):
-            if env.get(count) and env.get(index):
-                tasks, task = int(env[count]), int(env[index]) if task is None else task
-                if count.startswith("SLURM"):  # arrays may start at any index: count from the first
-                    task -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-                break
+    for count, index in (("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"), ("WORLD_SIZE", "RANK")):
+        if env.get(count) and env.get(index):
+            if tasks is None:
+                tasks = int(env[count])
+            if task is None:
+                task = int(env[index]) - (int(env.get("SLURM_ARRAY_TASK_MIN", 0)) if count.startswith("SLURM") else 0)
+            break
     tasks, task = tasks or 1, task or 0
     if tasks < 1 or not 0 <= task < tasks:
         raise DataError(f"task {task} is not one of the {tasks} tasks (0..{tasks - 1})")
@@ -127,13 +128,18 @@ class Task:
                 local += 1
 
     def _sign(self) -> None:
-        cfg, n = self.config, self.tasks
+        cfg = self.config
         cleaner, stats = Cleaner(self.clean_cfg), SourceStats()
-        vf, seed = cfg["val_fraction"], cfg["seed"]
-        near = cfg["dedup"] == "near" or (cfg["leakage"] != "off" and vf > 0)
+        near = cfg["dedup"] == "near" or (cfg["leakage"] != "off" and cfg["val_fraction"] > 0)
         hasher, bands = (MinHasher(self.minhash), LSHIndex(self.minhash)) if near else (None, None)
+        with open(self.path / "sigs.u32", "wb") as sigs:
+            docs, exact, band_rows = self._sign_documents(sigs, cleaner, stats, hasher, bands)
+        self._write_signs(docs, exact, band_rows, stats, cleaner)
+
+    def _sign_documents(self, sigs, cleaner, stats, hasher, bands):
+        cfg = self.config
+        vf, seed = cfg["val_fraction"], cfg["seed"]
         docs, exact, band_rows = [], [], []
-        sigs = open(self.path / "sigs.u32", "wb")
         for local, order, doc in tqdm(self._documents(stats), desc=f"sign (task {self.task})", unit="doc",
                                       disable=not self.show_progress):
             text = cleaner.clean(doc.text, doc.source)
@@ -151,7 +157,10 @@ class Task:
             if sig is not None:
                 for b, k in enumerate(bands.band_keys(sig)):
                     band_rows.append((b, k, order, side, self.task, local))
-        sigs.close()
+        return docs, exact, band_rows
+
+    def _write_signs(self, docs, exact, band_rows, stats, cleaner) -> None:
+        n = self.tasks
         np.save(self.path / "docs.npy", np.array(docs, dtype=_DOCS))
         exact_arr, band_arr = np.array(exact, dtype=_EXACT), np.array(band_rows, dtype=_BAND)
         for k in range(n):
@@ -193,27 +202,34 @@ class Task:
         bands.sort(order=["band", "key", "order"])
         sigs = {t: np.memmap(_task_dir(self.out, t) / "sigs.u32", dtype=np.uint32, mode="r").reshape(-1, self.minhash.num_perm)
                 for t in range(n) if (_task_dir(self.out, t) / "sigs.u32").stat().st_size}
-        checked: set[tuple] = set()
         same = np.r_[False, (bands["band"][1:] == bands["band"][:-1]) & (bands["key"][1:] == bands["key"][:-1])]
         starts = np.flatnonzero(~same)
+        pairs = 0
         for a, b in zip(starts, np.r_[starts[1:], len(bands)]):
+            if b - a < 2:
+                continue
             bucket = bands[a:b]
-            for i in range(len(bucket)):
-                for j in range(i + 1, len(bucket)):
-                    e, l = bucket[i], bucket[j]  # e comes first in the document order
-                    pair = (int(e["task"]), int(e["index"]), int(l["task"]), int(l["index"]))
-                    if pair in checked:
-                        continue
-                    checked.add(pair)
-                    est = float((sigs[pair[0]][pair[1]] == sigs[pair[2]][pair[3]]).mean())
-                    if est >= self.minhash.threshold:
-                        fe, fl = pair_flags(int(e["side"]), int(l["side"]), NEAR_DUP, TRAIN_NEAR)
-                        add(pair[0], pair[1], fe)
-                        add(pair[2], pair[3], fl)
+            rows = np.stack([sigs[int(t)][int(i)] for t, i in zip(bucket["task"], bucket["index"])])
+            side = bucket["side"]
+            found = np.zeros(len(bucket), dtype=np.uint8)
+            for i in range(min(len(bucket), BUCKET_CAP)):  # as LSHIndex: a bucket keeps its first BUCKET_CAP
+                est = (rows[i + 1:] == rows[i]).mean(axis=1)
+                hit = np.flatnonzero(est >= self.minhash.threshold) + i + 1
+                pairs += len(bucket) - i - 1
+                if hit.size == 0:
+                    continue
+                later = side[hit]
+                found[hit[later == side[i]]] |= NEAR_DUP
+                if side[i] == TRAIN:
+                    found[hit[later == VAL]] |= TRAIN_NEAR
+                elif (later == TRAIN).any():
+                    found[i] |= TRAIN_NEAR
+            for r in np.flatnonzero(found):
+                add(int(bucket["task"][r]), int(bucket["index"][r]), int(found[r]))
         for t in range(n):
             rows = np.array(sorted(flags[t].items()), dtype=_FLAGS) if flags[t] else np.zeros(0, _FLAGS)
             np.save(self.path / f"flags-to-{t:05d}.npy", rows)
-        atomic_write_json(self.path / "match.done", {"fingerprint": self.fp, "pairs_checked": len(checked)})
+        atomic_write_json(self.path / "match.done", {"fingerprint": self.fp, "pairs_checked": pairs})
 
     # ---- stage 3: encode -------------------------------------------------------------------------------
 
@@ -320,8 +336,9 @@ def merge(out: Path, overwrite: bool = False) -> dict:
     entries = {s: {"tokens": 0, "docs": 0, "shards": [], "bytes": 0} for s in ("train", "val")}
     for k, r in enumerate(results):
         for split, entry in r["entries"].items():
-            for shard in entry["shards"]:
-                _check_shard(_task_dir(out, k), shard, dtype, tok.vocab_size)
+            for shard in entry["shards"]:  # an interrupted merge may have moved some already
+                where = staging if (staging / shard["file"]).is_file() else _task_dir(out, k)
+                _check_shard(where, shard, dtype, tok.vocab_size)
             for key in ("tokens", "docs", "bytes"):
                 entries[split][key] += entry[key]
             entries[split]["shards"] += entry["shards"]

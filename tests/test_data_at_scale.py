@@ -126,13 +126,13 @@ def test_file_discovery_equals_glob_and_skips_excluded_trees(tmp_path, monkeypat
 
     from data_prep.sources import _expand, list_files
     for name in ["a/b/c.py", "a/.h/x.py", ".top.py", "a/.hid.py", "z/[x].txt", "a/b/d/e.txt", "q/a1.py", "q/ab.py",
-                 "a-b/c.py", "a/b-c.py", "big/site-packages/p/m.py", "big/keep.py"]:
+                 "a-b/c.py", "a/b-c.py", "big/site-packages/p/m.py", "big/keep.py", "^x.txt", "ax.txt", "bx.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     os.symlink(tmp_path / "a" / "b", tmp_path / "link")
     os.symlink(tmp_path / "missing", tmp_path / "a" / "broken.py")
     for pattern in ["**", "**/*.py", "*/*", "a/**/*.txt", ".*", "**/.*", "q/a?.py", "q/a[!b].py", "z/*", "a/.h/*.py",
-                    "*/.*", "**/b/**"]:
+                    "*/.*", "**/b/**", "[^a]x.txt", "[!a]x.txt", "[a-b]x.txt", "*/*/*.py"]:
         spec = f"{tmp_path}/{pattern}"
         expected = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         assert _expand(spec, []) == expected, pattern
@@ -163,7 +163,7 @@ class _Server:
                 pass
 
             def _body(self):
-                name = self.path.lstrip("/")
+                name = self.path.lstrip("/").split("?")[0]
                 if name not in server.files:
                     self.send_error(404)
                     return None
@@ -495,3 +495,64 @@ def test_a_bad_record_in_strict_mode_is_one_error_naming_it(code_corpus, tmp_pat
     src.write_text('{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
         prepare([str(src)], tmp_path / "out", tokenizer_dir=tok, strict=True, show_progress=False)
+
+
+def test_a_url_query_is_not_a_glob_nor_part_of_the_format(http_server, tmp_path):
+    url = f"{http_server.url}/corpus.jsonl?download=1"
+    docs = list(iter_documents([url]))
+    assert len(docs) == 3000 and docs[0].text.startswith("record 0")  # JSONL records, not one text document
+
+
+def test_a_stream_that_ends_early_is_read_again_from_where_it_stopped(monkeypatch):
+    import io
+
+    import data_prep.remote as remote
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    data = bytes(range(256)) * 40
+    opened = []
+
+    def opener():
+        opened.append(1)
+        return io.BytesIO(data[:1000] if len(opened) == 1 else data)  # the first connection ends cleanly, early
+
+    stream = io.BufferedReader(remote.RetryingStream("https://x/y.bin", opener, size=len(data)))
+    assert stream.read() == data and len(opened) == 2
+
+
+def test_cli_runs_one_stage_and_says_so(task_corpus, tmp_path, capsys, monkeypatch):
+    from data_prep.__main__ import main
+    for var in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    src, tok, _, _ = task_corpus
+    assert main(["prepare", str(src), "--out", str(tmp_path / "o"), "--tokenizer-from", str(tok), "--tasks", "2",
+                 "--task", "1", "--stage", "sign", "--quiet"]) == 0
+    assert "task 1 of 2: stage sign done" in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    from data_prep.tasks import task_from_environment
+    assert task_from_environment(4, None) == (4, 2)  # --tasks given, the task from the array
+    assert task_from_environment(None, 3) == (4, 3)  # --task given: taken as is
+
+
+def test_many_copies_in_one_lsh_bucket_give_the_same_result_on_one_or_two_tasks(tmp_path):
+    """A bucket keeps its first 64 documents on both paths (else 50k boilerplate copies cost 50k^2 checks)."""
+    from data_prep.prepare import prepare_tokenizer
+    from data_prep.tasks import STAGES, merge
+    rng = random.Random(5)
+    base = _words(rng, 120)
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = [_one_word_changed(base, rng) for _ in range(160)] + [_words(rng, 60) for _ in range(40)]
+    for i, d in enumerate(docs):
+        (src / f"d{i:03d}.txt").write_text(d)
+    prepare_tokenizer([str(src)], tmp_path / "tok", tokenizer="char", show_progress=False)
+    kw = dict(tokenizer_dir=tmp_path / "tok", val_fraction=0.3, leakage="flag", show_progress=False)
+    one = prepare([str(src)], tmp_path / "one", **kw)
+    for stage in STAGES:
+        for k in (0, 1):
+            prepare([str(src)], tmp_path / "two", tasks=2, task=k, stage=stage, **kw)
+    two = merge(tmp_path / "two")
+    assert one["source"]["documents"] < 80  # the copies went
+    assert _removed(tmp_path / "one") == _removed(tmp_path / "two")
+    assert _documents_by_split(tmp_path / "one") == _documents_by_split(tmp_path / "two")
+    assert two["splits"]["train"]["tokens"] == one["splits"]["train"]["tokens"]
