@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN",
                     help="extra special tokens (reserved ids, after EOS and PAD)")
     pp.add_argument("--workers", type=int, default=1,
-                    help="encoding processes (1: in-process, tokenizer's own threads); output is identical")
+                    help="encoder threads beside the reading one (processes for char and SentencePiece); "
+                         "output is identical for any N")
     pp.add_argument("--normalize", choices=[*NORMAL_FORMS, "none"], default="NFC", help="Unicode normalization")
     pp.add_argument("--keep-control", action="store_true", help="keep control characters (default: removed, "
                     "except \\t \\n \\r)")

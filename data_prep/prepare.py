@@ -87,8 +87,8 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
 
     `clean=None` keeps documents byte-exact (only empty ones are dropped). `dedup`: "near" (exact +
     MinHash-LSH), "exact" or "none"; `leakage`: val documents matching train ones are "remove"d,
-    "flag"ged (counted) or not checked ("off"). `workers` > 1 encodes on that many processes; the
-    output is identical for any value. Counts of everything removed go to manifest.json.
+    "flag"ged (counted) or not checked ("off"). `workers` encoder threads work beside the reading
+    thread (processes for tokenizers that hold the GIL); the output is identical for any value. Counts of everything removed go to manifest.json.
     """
     t0 = time.time()
     inputs, exclude, special_tokens = list(inputs), list(exclude), list(special_tokens)
