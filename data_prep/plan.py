@@ -145,6 +145,7 @@ class Planner:
         self._val_keys_seen: set[bytes] = set()
         self._val_waiting: dict[bytes, list[int]] = {}  # val documents by exact key, until a train copy shows up
         use_near = dedup == "near" or (leakage != "off" and val_fraction > 0)
+        self._exact = dedup != "none" or (leakage != "off" and val_fraction > 0)
         self._hasher = MinHasher(minhash) if use_near else None
         self._lsh = LSHIndex(minhash) if use_near else None
         self._examples: dict[int, str] = {}  # flag -> source of the first document it was set on
@@ -172,21 +173,8 @@ class Planner:
         self._side.append(side)
         self._score.append(score)
         self._chars.append(len(text))
-        key = exact_key(text)
-        if side == TRAIN:
-            if key in self._train_keys:
-                self._flag(ordinal, EXACT_DUP, doc.source)
-            self._train_keys.add(key)
-            for v in self._val_waiting.pop(key, ()):
-                self._flag(v, TRAIN_EXACT, doc.source)
-        else:
-            if key in self._val_keys_seen:
-                self._flag(ordinal, EXACT_DUP, doc.source)
-            self._val_keys_seen.add(key)
-            if key in self._train_keys:
-                self._flag(ordinal, TRAIN_EXACT, doc.source)
-            else:
-                self._val_waiting.setdefault(key, []).append(ordinal)
+        if self._exact:  # else neither duplicates nor leakage are looked for (one document): skip the key
+            self._match_exact(ordinal, side, exact_key(text), doc.source)
         if self._hasher is not None:
             sig = self._hasher.signature(text)
             if sig is not None:
@@ -202,6 +190,21 @@ class Planner:
             return None
         return text
 
+    def _match_exact(self, ordinal: int, side: int, key: bytes, source: str) -> None:
+        if side == TRAIN:
+            if key in self._train_keys:
+                self._flag(ordinal, EXACT_DUP, source)
+            self._train_keys.add(key)
+            for v in self._val_waiting.pop(key, ()):
+                self._flag(v, TRAIN_EXACT, source)
+        else:
+            if key in self._val_keys_seen:
+                self._flag(ordinal, EXACT_DUP, source)
+            self._val_keys_seen.add(key)
+            if key in self._train_keys:
+                self._flag(ordinal, TRAIN_EXACT, source)
+            else:
+                self._val_waiting.setdefault(key, []).append(ordinal)
 
     def finish(self) -> DocumentPlan:
         score_side = np.frombuffer(bytes(self._side), dtype=np.uint8).copy()
