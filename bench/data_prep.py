@@ -17,8 +17,8 @@ on every text of every corpus (the "ids equal" column).
 
 --rss N...: synthetic corpora of N MB (files of ~8 KB documents sampled from the given texts' lines,
 distinct, written under a temporary directory and deleted after), each prepared by a child process
-(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (ru_maxrss).
-Results go to bench/results/data_prep.json.
+(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (VmHWM, not
+ru_maxrss: bench/data_prep_rss.py says why). Results go to bench/results/data_prep.json.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -136,10 +135,9 @@ def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str]) -> dict:
     src = tmp / f"synthetic_{megabytes}"
     nbytes = synthetic_corpus(src, megabytes, lines)
     out = tmp / f"out_{megabytes}"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-c", "import resource, sys; from data_prep.__main__ import main; rc = main(sys.argv[1:]); "
-           "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from data_prep_rss import run; "
+           "sys.exit(run(sys.argv[1:]))",
            "prepare", str(src), "--out", str(out), "--tokenizer-from", str(tokdir), "--quiet", "--workers", "2"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -147,7 +145,6 @@ def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str]) -> dict:
         raise SystemExit(run.stderr)
     rss_kb = int(next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("maxrss_kb")))
     meta = json.loads((out / "meta.json").read_text())
-    del before
     shutil.rmtree(src)
     shutil.rmtree(out)
     return {"mb": round(nbytes / 1e6, 1), "documents": meta["source"]["documents"], "seconds": round(seconds, 1),

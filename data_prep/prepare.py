@@ -104,13 +104,14 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     listing = SourceStats()
     files = list_files(inputs, exclude, listing)  # expanded once: globs over big trees are slow
     reused = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    reused_tok = load_tokenizer(reused) if reused is not None else None  # loaded once: loading is not free
     config = {
         "inputs": [expand_placeholders(s) for s in inputs], "exclude": exclude, "text_field": text_field,
         "strict": strict, "clean": vars(clean_cfg), "dedup": dedup, "leakage": leakage, "minhash": vars(minhash),
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "tokenizer": tokenizer,
         "vocab_size": vocab_size, "special_tokens": special_tokens, "sample_bytes": tokenizer_sample_bytes,
         "tokenizer_dir": str(reused) if reused else None,
-        "tokenizer_sha": _tokenizer_file_sha(reused) if reused else None,
+        "tokenizer_sha": file_sha256(reused / reused_tok.file_name) if reused else None,
     }
     if tasks > 1:
         from .tasks import Task
@@ -123,7 +124,7 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     resumed = work.open(fingerprint(config, files))
     config["files"], config["excluded_files"] = files, listing.excluded
     try:
-        tok, tok_path, trained_on = _tokenizer(work, config, clean_cfg, reused, show_progress)
+        tok, tok_path, trained_on = _tokenizer(work, config, clean_cfg, reused, reused_tok, show_progress)
         meta, info = _encode(work, config, clean_cfg, minhash, tok, tok_path, trained_on, workers, show_progress)
         meta["source"].update(seconds=round(time.time() - t0, 2), resumed=resumed, workers=workers)
         atomic_write_json(work.path / MANIFEST_FILE, _manifest(config, info, meta))
@@ -138,11 +139,6 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     finally:
         work.close()  # any other failure (interrupt, kill, disk) keeps the progress for a rerun
     return meta
-
-
-def _tokenizer_file_sha(directory: Path) -> str:
-    tok = load_tokenizer(directory)
-    return file_sha256(directory / tok.file_name)
 
 
 def _empty_corpus(config: dict, stats: SourceStats, documents_read: int) -> DataError:
@@ -171,7 +167,7 @@ def prepare_tokenizer(inputs: Iterable[str], out_dir: str | os.PathLike, *, toke
 
 
 def _tokenizer(work: WorkDir, config: dict, clean_cfg: CleanConfig, reused: Path | None,
-               show_progress: bool) -> tuple[Tokenizer, Path, str]:
+               reused_tok: Tokenizer | None, show_progress: bool) -> tuple[Tokenizer, Path, str]:
     """The run's tokenizer, saved in the work dir (a resumed run loads it from there)."""
     saved = work.state.get("tokenizer")
     if saved and (work.path / saved["file"]).is_file():
@@ -179,7 +175,7 @@ def _tokenizer(work: WorkDir, config: dict, clean_cfg: CleanConfig, reused: Path
         return tokenizer_classes()[path.name].load(path), path, saved["trained_on"]
     kind = config["tokenizer"]
     if reused is not None:
-        tok, trained_on = load_tokenizer(reused), f"reused from {reused}"
+        tok, trained_on = reused_tok, f"reused from {reused}"
     elif kind == "char":
         # The alphabet comes from every document: an unseen character in val would otherwise make
         # preparation fail outright, and a character set leaks nothing about val's content.

@@ -30,7 +30,7 @@ from .sources import SourceStats, iter_files
 from .tokenizer import Tokenizer, split_for_encoding
 from .workdir import WorkDir
 
-CHUNK_CHARS = 1 << 20  # documents per encode chunk: about 1M characters, never one huge string
+CHUNK_CHARS = 1 << 18  # documents per encode chunk: about 256K characters (small: workers stay balanced)
 CHUNK_DOCS = 4096
 SEGMENT_CHARS = 1 << 16  # huge documents are encoded in line-aligned pieces of about this size
 FAIL_AFTER_ENV = "LMFORGE_PREPARE_FAIL_AFTER_SHARDS"  # test hook: simulate a kill after K new shards

@@ -11,12 +11,15 @@ import abc
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .shards import META_FILE, check_tokenizer_hash, read_meta
+
+_BUILD_FAST = threading.Lock()  # encoder threads that start together build the engine once
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -216,12 +219,13 @@ class BPETokenizer(Tokenizer):
         reproduce this tokenizer (fast_bpe.py) or LMFORGE_ENCODER=hf asks for HF's encoder."""
         if os.environ.get(FAST_ENCODER_ENV) == "hf":
             return None
-        if self._fast is None:
-            from .fast_bpe import convert
-            enc = convert(self._tok.to_str())
-            # encode_to_numpy (tiktoken >= 0.8) skips building a list of Python ints; our Encoding has no
-            # special tokens, so it encodes every text as ordinary text, as encode_ordinary does.
-            self._fast = (False if enc is None else getattr(enc, "encode_to_numpy", None) or enc.encode_ordinary)
+        with _BUILD_FAST:
+            if self._fast is None:
+                from .fast_bpe import convert
+                enc = convert(self._tok.to_str())
+                # encode_to_numpy (tiktoken >= 0.8) skips building a list of Python ints; our Encoding has no
+                # special tokens, so it encodes every text as ordinary text, as encode_ordinary does.
+                self._fast = (False if enc is None else getattr(enc, "encode_to_numpy", None) or enc.encode_ordinary)
         return self._fast or None
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -1,5 +1,5 @@
 """The optimizers (lm/optim.py): Newton-Schulz, Muon against a plain reference, which parameters Muon takes,
-weight decay on matrices only, a bit-exact resume for each optimizer, Muon under 2-process FSDP, config
+weight decay on matrices only, a bit-exact resume for each optimizer, each under 2-process FSDP, config
 errors, and bench/optimizers.py at a tiny budget."""
 import json
 import math
@@ -215,6 +215,26 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_
     for step in (5, 6):
         assert resumed[step] == pytest.approx(one[step], rel=1e-5)
 
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop"])
+def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, data, tmp_path):
+    # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard
+    common = [f"data.dir={data}", "train.eval_interval=4", f"optim.name={name}", "optim.lr=0.05",
+              "optim.momentum=0.5", "model.mlp_hidden=67", "optim.warmup_steps=2", "train.max_steps=4"]
+    cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
+                      [*BASE, *common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4"])
+    Trainer(cfg).run()
+    train(*common, f"train.out_dir={tmp_path / 'fsdp'}", "train.batch_size=2", nproc=2)
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    w1, w2 = (weights(checkpoint.resolve(tmp_path / run)) for run in ("single", "fsdp"))
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
+    keys = checkpoint._read_metadata(checkpoint.resolve(tmp_path / "fsdp")).state_dict_metadata
+    assert "optim.transformer.h.0.mlp.c_fc.weight.momentum_buffer" in keys
 
 @pytest.mark.parametrize("override, key", [
     ("optim.name=adam", "optim.name"), ("optim.momentum=1.0", "optim.momentum"),
