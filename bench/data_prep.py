@@ -17,8 +17,7 @@ on every text of every corpus (the "ids equal" column).
 
 --rss N...: synthetic corpora of N MB (files of ~8 KB documents sampled from the given texts' lines,
 distinct, written under a temporary directory and deleted after), each prepared by a child process
-(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (VmHWM, not
-ru_maxrss: bench/data_prep_rss.py says why). Results go to bench/results/data_prep.json.
+(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (VmHWM; Linux). Results go to bench/results/data_prep.json.
 """
 from __future__ import annotations
 
@@ -136,8 +135,10 @@ def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str]) -> dict:
     nbytes = synthetic_corpus(src, megabytes, lines)
     out = tmp / f"out_{megabytes}"
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from data_prep_rss import run; "
-           "sys.exit(run(sys.argv[1:]))",
+    # VmHWM: the child's own peak. ru_maxrss would not do: Linux carries it over fork and exec, so a child of
+    # this ~400 MB process would report at least 400 MB.
+    cmd = [sys.executable, "-c", "import sys; from data_prep.__main__ import main; rc = main(sys.argv[1:]); "
+           "print('maxrss_kb', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)",
            "prepare", str(src), "--out", str(out), "--tokenizer-from", str(tokdir), "--quiet", "--workers", "2"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

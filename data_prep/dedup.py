@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import DataError
 from .hashing import mix64
+from .keyindex import KeyIndex, SignatureStore
 
 _U64 = np.uint64
 _P32 = 0x01000193  # odd multiplier of the byte-level polynomial word hash (mod 2^32)
@@ -135,15 +136,17 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
 
 
 class LSHIndex:
-    """Banded LSH over MinHash signatures, candidates verified by their estimated Jaccard."""
+    """Banded LSH over MinHash signatures, candidates verified by their estimated Jaccard. Held compactly
+    (keyindex.py): ~14 x 16 bytes of band entries per document in memory, signatures in a temporary file."""
 
     def __init__(self, config: MinHashConfig = MinHashConfig()):
         self.config = config
-        # band key -> row, or a list of rows once a bucket has several (most never do: ~60 bytes per entry saved)
-        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(config.bands)]
-        self._band_mult = np.random.default_rng(config.seed + 1).integers(
-            0, 1 << 63, size=config.rows, dtype=np.uint64) * _U64(2) + _U64(1)
-        self._sigs = np.empty((64, config.num_perm), dtype=np.uint32)
+        rng = np.random.default_rng(config.seed + 1)
+        self._band_mult = rng.integers(0, 1 << 63, size=config.rows, dtype=np.uint64) * _U64(2) + _U64(1)
+        # One index for all bands: a band's keys are XORed with its own salt (a cross-band clash: p ~ 2^-64)
+        self._band_salt = rng.integers(0, 1 << 63, size=config.bands, dtype=np.uint64)
+        self._buckets = KeyIndex()
+        self._sigs = SignatureStore(config.num_perm)
         self._keys = array("q")
 
     def __len__(self) -> int:
@@ -151,36 +154,44 @@ class LSHIndex:
 
     def band_keys(self, sig: np.ndarray) -> list[int]:
         """One 64-bit key per band: documents sharing a band's key are candidates."""
+        return self._band_keys(sig).tolist()
+
+    def _band_keys(self, sig: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
             rows = sig.reshape(self.config.bands, self.config.rows).astype(np.uint64)
-            return (rows * self._band_mult).sum(axis=1, dtype=np.uint64).tolist()
+            return (rows * self._band_mult).sum(axis=1, dtype=np.uint64)
 
-    def find_all(self, sig: np.ndarray) -> list[int]:
-        """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first."""
-        rows: set[int] = set()
-        for band, key in enumerate(self.band_keys(sig)):
-            held = self._buckets[band].get(key)
-            if held is not None:
-                rows.update(held) if isinstance(held, list) else rows.add(held)
+    def _buckets_of(self, sig: np.ndarray) -> tuple[list[int], list[list[int]]]:
+        """Each band's index key and the rows its bucket holds."""
+        keys = (self._band_keys(sig) ^ self._band_salt).tolist()
+        return keys, self._buckets.lookup(keys)
+
+    def _similar(self, sig: np.ndarray, held: list[list[int]]) -> list[int]:
+        rows = {r for bucket in held for r in bucket}
         if not rows:
             return []
         cand = np.fromiter(sorted(rows), dtype=np.int64, count=len(rows))
-        est = (self._sigs[cand] == sig[None, :]).mean(axis=1)
+        est = (self._sigs.get(cand) == sig[None, :]).mean(axis=1)
         return [self._keys[r] for r in cand[est >= self.config.threshold].tolist()]
 
-    def add(self, key: int, sig: np.ndarray) -> None:
+    def _insert(self, key: int, sig: np.ndarray, keys: list[int], held: list[list[int]]) -> None:
         row = len(self._keys)
-        if row == len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
-        self._sigs[row] = sig
+        self._sigs.append(sig)
         self._keys.append(key)
-        for band, k in enumerate(self.band_keys(sig)):
-            bucket = self._buckets[band]
-            held = bucket.get(k)
-            if held is None:
-                bucket[k] = row
-            elif isinstance(held, list):
-                if len(held) < BUCKET_CAP:
-                    held.append(row)
-            else:
-                bucket[k] = [held, row]
+        for k, bucket in zip(keys, held):
+            if len(bucket) < BUCKET_CAP:
+                self._buckets.add(k, row)
+
+    def find_all(self, sig: np.ndarray) -> list[int]:
+        """Keys of stored signatures sharing a band with `sig` and reaching the threshold, oldest first."""
+        return self._similar(sig, self._buckets_of(sig)[1])
+
+    def add(self, key: int, sig: np.ndarray) -> None:
+        self._insert(key, sig, *self._buckets_of(sig))
+
+    def find_all_then_add(self, key: int, sig: np.ndarray) -> list[int]:
+        """find_all(sig), then add(key, sig), with one lookup."""
+        keys, held = self._buckets_of(sig)
+        found = self._similar(sig, held)
+        self._insert(key, sig, keys, held)
+        return found

@@ -20,6 +20,7 @@ import numpy as np
 
 from .cleaning import Cleaner
 from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key
+from .keyindex import KeyIndex
 from .errors import DataError
 from .sources import Document
 
@@ -141,7 +142,7 @@ class Planner:
         self._flags = bytearray()
         self._score = array("d")
         self._chars = array("q")  # cleaned length per document (position mode needs the one kept)
-        self._train_keys: set[bytes] = set()
+        self._train_keys = KeyIndex()  # 64 bits of each train document's exact key: ~16 bytes, not a set's ~110
         self._val_keys_seen: set[bytes] = set()
         self._val_waiting: dict[bytes, list[int]] = {}  # val documents by exact key, until a train copy shows up
         use_near = dedup == "near" or (leakage != "off" and val_fraction > 0)
@@ -178,30 +179,31 @@ class Planner:
         if self._hasher is not None:
             sig = self._hasher.signature(text)
             if sig is not None:
-                for other in self._lsh.find_all(sig):
+                for other in self._lsh.find_all_then_add(ordinal, sig):
                     mine_other, mine = pair_flags(self._side[other], side, NEAR_DUP, TRAIN_NEAR)
                     if mine_other:
                         self._flag(other, mine_other, doc.source)
                     if mine:
                         self._flag(ordinal, mine, doc.source)
-                self._lsh.add(ordinal, sig)
         flags = self._flags[ordinal]
         if flags & self._dup_mask or (self.leakage == "remove" and flags & (TRAIN_EXACT | TRAIN_NEAR)):
             return None
         return text
 
     def _match_exact(self, ordinal: int, side: int, key: bytes, source: str) -> None:
+        in_train = bool(self._train_keys.lookup([int.from_bytes(key[:8], "little")])[0])
         if side == TRAIN:
-            if key in self._train_keys:
+            if in_train:
                 self._flag(ordinal, EXACT_DUP, source)
-            self._train_keys.add(key)
+            else:
+                self._train_keys.add(int.from_bytes(key[:8], "little"), ordinal)
             for v in self._val_waiting.pop(key, ()):
                 self._flag(v, TRAIN_EXACT, source)
         else:
             if key in self._val_keys_seen:
                 self._flag(ordinal, EXACT_DUP, source)
             self._val_keys_seen.add(key)
-            if key in self._train_keys:
+            if in_train:
                 self._flag(ordinal, TRAIN_EXACT, source)
             else:
                 self._val_waiting.setdefault(key, []).append(ordinal)

@@ -556,3 +556,69 @@ def test_many_copies_in_one_lsh_bucket_give_the_same_result_on_one_or_two_tasks(
     assert _removed(tmp_path / "one") == _removed(tmp_path / "two")
     assert _documents_by_split(tmp_path / "one") == _documents_by_split(tmp_path / "two")
     assert two["splits"]["train"]["tokens"] == one["splits"]["train"]["tokens"]
+
+
+def test_key_index_holds_what_a_dict_of_lists_holds_across_flushes_and_merges():
+    from data_prep.keyindex import KeyIndex
+    rng = random.Random(1)
+    index, reference = KeyIndex(buffer_entries=5), {}
+    for row in range(400):
+        key = rng.choice([rng.getrandbits(64), rng.randrange(30)])  # some keys many times
+        index.add(key, row)
+        reference.setdefault(key, []).append(row)
+        if row % 37 == 0:
+            probe = list(reference)[:20] + [rng.getrandbits(64) for _ in range(5)]
+            assert index.lookup(probe) == [reference.get(k, []) for k in probe]  # rows oldest first
+    assert len(index) == 400 and len(index._runs) < 10  # merged like a binary counter, not one run per flush
+
+
+def test_signature_store_reads_rows_back_from_memory_and_disk():
+    from data_prep.keyindex import SignatureStore
+    store = SignatureStore(7, buffer_rows=3)
+    rows = np.random.default_rng(0).integers(0, 2**32, size=(11, 7), dtype=np.uint32)
+    for r in rows:
+        store.append(r)
+    picked = np.array([0, 4, 5, 10, 2])
+    assert np.array_equal(store.get(picked), rows[picked])
+    store.close()
+
+
+def test_the_dedup_index_holds_a_few_hundred_bytes_per_document():
+    """Peak RSS of prepare grows with the documents only through the planner's index: it must stay small
+    (a dict per band and signatures in memory took ~2 KB per document: 250 GB for 125M documents)."""
+    import tracemalloc
+    from data_prep.dedup import LSHIndex
+    first, n = 10_000, 30_000  # growth between the two: the fixed buffers are full at the first
+    sigs = np.random.default_rng(0).integers(0, 2**32, size=(n, 112), dtype=np.uint32)
+    tracemalloc.start()
+    index = LSHIndex()
+    for i in range(n):
+        index.find_all_then_add(i, sigs[i])
+        if i + 1 == first:
+            before, _ = tracemalloc.get_traced_memory()
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    index._sigs.close()
+    per_document = (after - before) / (n - first)
+    assert per_document < 400, f"{per_document:.0f} bytes per document"
+
+
+def test_small_index_buffers_give_the_same_dataset(tmp_path, monkeypatch):
+    """The index's flushes, merges and signature file change nothing the planner decides."""
+    from data_prep import keyindex
+    rng = random.Random(7)
+    base = _words(rng, 120)
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = [_one_word_changed(base, rng) for _ in range(40)] + [_words(rng, 60) for _ in range(40)]
+    docs += docs[50:60]  # exact copies
+    for i, d in enumerate(docs):
+        (src / f"d{i:03d}.txt").write_text(d)
+    kw = dict(tokenizer="char", val_fraction=0.3, show_progress=False)
+    prepare([str(src)], tmp_path / "default", **kw)
+    monkeypatch.setattr(keyindex.KeyIndex.__init__, "__defaults__", (3,))
+    monkeypatch.setattr(keyindex.SignatureStore.__init__, "__defaults__", (2,))
+    prepare([str(src)], tmp_path / "small", **kw)
+    assert _removed(tmp_path / "small") == _removed(tmp_path / "default")
+    assert sum(_removed(tmp_path / "default").values()) > 40
+    assert _documents_by_split(tmp_path / "small") == _documents_by_split(tmp_path / "default")
