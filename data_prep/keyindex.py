@@ -51,11 +51,24 @@ class KeyIndex:
         keys = np.repeat(np.fromiter(self._recent.keys(), dtype=np.uint64, count=len(sizes)), sizes)
         rows = np.fromiter((r for rs in self._recent.values() for r in rs), dtype=np.int64, count=self._n_recent)
         self._recent, self._n_recent = {}, 0
-        while self._runs and self._runs[-1][0].size <= 2 * keys.size:
-            old_keys, old_rows = self._runs.pop()  # older entries first: the stable sort keeps their order
-            keys, rows = np.concatenate([old_keys, keys]), np.concatenate([old_rows, rows])
         order = np.argsort(keys, kind="stable")
-        self._runs.append((keys[order], rows[order]))
+        run = (keys[order], rows[order])
+        while self._runs and self._runs[-1][0].size <= 2 * run[0].size:
+            run = _merge(self._runs.pop(), run)
+        self._runs.append(run)
+
+
+def _merge(older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs as one; a key's older rows first. Memory: the output and one index per newer entry
+    (an argsort of the concatenation would hold three copies)."""
+    (old_keys, old_rows), (new_keys, new_rows) = older, newer
+    at = np.searchsorted(old_keys, new_keys, side="right") + np.arange(new_keys.size)
+    old_at = np.ones(old_keys.size + new_keys.size, dtype=bool)
+    old_at[at] = False
+    keys, rows = np.empty(old_at.size, dtype=np.uint64), np.empty(old_at.size, dtype=np.int64)
+    keys[at], rows[at] = new_keys, new_rows
+    keys[old_at], rows[old_at] = old_keys, old_rows
+    return keys, rows
 
 
 class SignatureStore:
