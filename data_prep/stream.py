@@ -216,14 +216,15 @@ class EncodePass:
         writer = ShardWriter(self.work.path, "val", self.dtype.name, self.tok.eos_id,
                              shard_tokens=self.config["shard_tokens"], stem="val" + self.stem_tag)
         index = np.fromfile(self.work.path / PENDING_INDEX, dtype=_INDEX).reshape(-1, 3)
-        tokens = np.memmap(self.work.path / PENDING_TOKENS, dtype=self.dtype, mode="r") if self.pending_tokens else None
-        offset, nbytes = 0, 0
+        nbytes = 0
         try:
-            for ordinal, n, b in index.tolist():
-                if keep(ordinal):
-                    writer.add_document(tokens[offset:offset + n])
-                    nbytes += b
-                offset += n
+            # read, not memory-mapped: mapped pages count in RSS (val tokens: ~5% of the corpus bytes)
+            with open(self.work.path / PENDING_TOKENS, "rb") as tokens:
+                for ordinal, n, b in index.tolist():
+                    ids = np.fromfile(tokens, dtype=self.dtype, count=n)
+                    if keep(ordinal):
+                        writer.add_document(ids)
+                        nbytes += b
             entry = writer.close()
         except BaseException:
             writer.abort()
