@@ -217,10 +217,12 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_
 
 
 
-@pytest.mark.parametrize("name", ["sgd", "rmsprop"])
-def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, data, tmp_path):
-    # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard
-    common = [f"data.dir={data}", "train.eval_interval=4", f"optim.name={name}", "optim.lr=0.05",
+@pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-5)])
+def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, data, tmp_path):
+    # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard.
+    # RMSprop's early steps divide by |grad|: on a near-zero gradient the ranks' reduction-order rounding
+    # moves a weight by ~1e-6 (its steps are ~1e-2), and at a diverging lr (0.05) it grows from there.
+    common = [f"data.dir={data}", "train.eval_interval=4", f"optim.name={name}", f"optim.lr={lr}",
               "optim.momentum=0.5", "model.mlp_hidden=67", "optim.warmup_steps=2", "train.max_steps=4"]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
                       [*BASE, *common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4"])
@@ -232,7 +234,7 @@ def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, data, t
         assert two[step] == pytest.approx(one[step], rel=1e-5)
     w1, w2 = (weights(checkpoint.resolve(tmp_path / run)) for run in ("single", "fsdp"))
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=atol)
     keys = checkpoint._read_metadata(checkpoint.resolve(tmp_path / "fsdp")).state_dict_metadata
     assert "optim.transformer.h.0.mlp.c_fc.weight.momentum_buffer" in keys
 
