@@ -217,11 +217,11 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_
 
 
 
-@pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-5)])
+@pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-4)])
 def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, data, tmp_path):
     # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard.
-    # RMSprop's early steps divide by |grad|: on a near-zero gradient the ranks' reduction-order rounding
-    # moves a weight by ~1e-6 (its steps are ~1e-2), and at a diverging lr (0.05) it grows from there.
+    # RMSprop's early steps are lr * g / (sqrt(0.05) |g| + eps): where |g| is near eps, the ranks' reduction-
+    # order rounding of g (~1e-9) moves the step by up to ~lr / 10, so weights agree to 1e-4 (a step: ~1e-2).
     common = [f"data.dir={data}", "train.eval_interval=4", f"optim.name={name}", f"optim.lr={lr}",
               "optim.momentum=0.5", "model.mlp_hidden=67", "optim.warmup_steps=2", "train.max_steps=4"]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
