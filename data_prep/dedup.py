@@ -8,6 +8,7 @@ reproducible across runs and processes (Python's own `hash` is salted per proces
 from __future__ import annotations
 
 import hashlib
+import os
 from array import array
 from dataclasses import dataclass
 
@@ -137,16 +138,17 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
 
 class LSHIndex:
     """Banded LSH over MinHash signatures, candidates verified by their estimated Jaccard. Held compactly
-    (keyindex.py): ~14 x 16 bytes of band entries per document in memory, signatures in a temporary file."""
+    (keyindex.py): ~14 x 12 bytes of band entries per document in memory, signatures in a temporary file in
+    `spill_dir` (None: the system's temporary directory)."""
 
-    def __init__(self, config: MinHashConfig = MinHashConfig()):
+    def __init__(self, config: MinHashConfig = MinHashConfig(), spill_dir: str | os.PathLike | None = None):
         self.config = config
         rng = np.random.default_rng(config.seed + 1)
         self._band_mult = rng.integers(0, 1 << 63, size=config.rows, dtype=np.uint64) * _U64(2) + _U64(1)
         # One index for all bands: a band's keys are XORed with its own salt (a cross-band clash: p ~ 2^-64)
         self._band_salt = rng.integers(0, 1 << 63, size=config.bands, dtype=np.uint64)
         self._buckets = KeyIndex()
-        self._sigs = SignatureStore(config.num_perm)
+        self._sigs = SignatureStore(config.num_perm, spill_dir)
         self._keys = array("q")
 
     def __len__(self) -> int:

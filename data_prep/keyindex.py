@@ -10,11 +10,15 @@ candidates LSH proposes; the page cache may hold them, but they are not this pro
 """
 from __future__ import annotations
 
+import os
 import tempfile
 
 import numpy as np
 
+
 class KeyIndex:
+    """uint64 key -> the rows added under it, oldest first (see the module doc)."""
+
     def __init__(self, buffer_entries: int = 1 << 15):
         self._buffer_entries = buffer_entries
         self._recent: dict[int, int | list[int]] = {}  # a row, or a list once a key has several (few do)
@@ -38,8 +42,10 @@ class KeyIndex:
                     found[i].extend(run_rows[lo[i]:hi].tolist())
         for i, k in enumerate(keys):
             held = self._recent.get(k)
-            if held is not None:
-                found[i].extend(held) if isinstance(held, list) else found[i].append(held)
+            if isinstance(held, list):
+                found[i].extend(held)
+            elif held is not None:
+                found[i].append(held)
         return found
 
     def add(self, key: int, row: int) -> None:
@@ -83,10 +89,11 @@ def _merge(older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.nda
 
 
 class SignatureStore:
-    """Fixed-size uint32 rows appended in order, read back by row number."""
+    """Fixed-size uint32 rows appended in order, read back by row number. The file goes in `directory` (None:
+    the system's temporary directory); 100M documents' signatures take ~45 GB."""
 
-    def __init__(self, width: int, buffer_rows: int = 4096):
-        self.width = width
+    def __init__(self, width: int, directory: str | os.PathLike | None = None, buffer_rows: int = 4096):
+        self.width, self.directory = width, directory
         self._row_bytes = width * 4
         self._buffer = np.empty((buffer_rows, width), dtype=np.uint32)
         self._in_buffer = 0
@@ -99,7 +106,7 @@ class SignatureStore:
     def append(self, sig: np.ndarray) -> None:
         if self._in_buffer == len(self._buffer):
             if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="lmforge-signatures-")
+                self._file = tempfile.TemporaryFile(prefix="lmforge-signatures-", dir=self.directory)
             self._file.seek(self._on_disk * self._row_bytes)
             self._file.write(self._buffer.tobytes())
             self._on_disk += self._in_buffer

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import os
 from array import array
 from dataclasses import dataclass, field
 
@@ -20,8 +21,8 @@ import numpy as np
 
 from .cleaning import Cleaner
 from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key
-from .keyindex import KeyIndex
 from .errors import DataError
+from .keyindex import KeyIndex
 from .sources import Document
 
 DROP, TRAIN, VAL = 0, 1, 2
@@ -128,7 +129,9 @@ class Planner:
     train copy, which finish() applies."""
 
     def __init__(self, cleaner: Cleaner, val_fraction: float, seed: int, dedup: str = "near",
-                 leakage: str = "remove", minhash: MinHashConfig = MinHashConfig()):
+                 leakage: str = "remove", minhash: MinHashConfig = MinHashConfig(),
+                 spill_dir: str | os.PathLike | None = None):
+        """`spill_dir`: where the MinHash signatures' temporary file goes (None: the system's temp dir)."""
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if dedup not in DEDUP_MODES:
@@ -148,7 +151,7 @@ class Planner:
         use_near = dedup == "near" or (leakage != "off" and val_fraction > 0)
         self._exact = dedup != "none" or (leakage != "off" and val_fraction > 0)
         self._hasher = MinHasher(minhash) if use_near else None
-        self._lsh = LSHIndex(minhash) if use_near else None
+        self._lsh = LSHIndex(minhash, spill_dir) if use_near else None
         self._examples: dict[int, str] = {}  # flag -> source of the first document it was set on
         self._dup_mask = {"near": EXACT_DUP | NEAR_DUP, "exact": EXACT_DUP, "none": 0}[dedup]
 

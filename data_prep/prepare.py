@@ -232,7 +232,7 @@ def _encode(work: WorkDir, config: dict, clean_cfg: CleanConfig, minhash: MinHas
 
     # One document has nothing to deduplicate against: the planner only cleans and counts it.
     planner = Planner(Cleaner(clean_cfg), vf, config["seed"], "none" if single else config["dedup"],
-                      "off" if single else config["leakage"], minhash)
+                      "off" if single else config["leakage"], minhash, spill_dir=work.path)
 
     def decide(ordinal: int, doc: Document) -> list[tuple[str, str]]:
         text = planner.add(doc)

@@ -572,9 +572,9 @@ def test_key_index_holds_what_a_dict_of_lists_holds_across_flushes_and_merges():
     assert len(index) == 400 and len(index._runs) < 10  # merged like a binary counter, not one run per flush
 
 
-def test_signature_store_reads_rows_back_from_memory_and_disk():
+def test_signature_store_reads_rows_back_from_memory_and_disk(tmp_path):
     from data_prep.keyindex import SignatureStore
-    store = SignatureStore(7, buffer_rows=3)
+    store = SignatureStore(7, tmp_path, buffer_rows=3)
     rows = np.random.default_rng(0).integers(0, 2**32, size=(11, 7), dtype=np.uint32)
     for r in rows:
         store.append(r)
@@ -617,7 +617,7 @@ def test_small_index_buffers_give_the_same_dataset(tmp_path, monkeypatch):
     kw = dict(tokenizer="char", val_fraction=0.3, show_progress=False)
     prepare([str(src)], tmp_path / "default", **kw)
     monkeypatch.setattr(keyindex.KeyIndex.__init__, "__defaults__", (3,))
-    monkeypatch.setattr(keyindex.SignatureStore.__init__, "__defaults__", (2,))
+    monkeypatch.setattr(keyindex.SignatureStore.__init__, "__defaults__", (None, 2))
     prepare([str(src)], tmp_path / "small", **kw)
     assert _removed(tmp_path / "small") == _removed(tmp_path / "default")
     assert sum(_removed(tmp_path / "default").values()) > 40
