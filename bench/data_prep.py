@@ -17,7 +17,8 @@ on every text of every corpus (the "ids equal" column).
 
 --rss N...: synthetic corpora of N MB (files of ~8 KB documents sampled from the given texts' lines,
 distinct, written under a temporary directory and deleted after), each prepared by a child process
-(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (VmHWM; Linux). Results go to bench/results/data_prep.json.
+(`python -m data_prep prepare`, tokenizer reused, default dedup); reports its peak RSS (VmHWM; Linux).
+Results go to bench/results/data_prep.json.
 """
 from __future__ import annotations
 

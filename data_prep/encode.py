@@ -8,8 +8,8 @@ workers > 1. The number of chunks in flight is bounded, so memory stays bounded 
 is, and the output is identical for any worker count because results are consumed in submission order.
 
 The fast engine is checked against the reference encoder as it runs: the start of the first text, then of
-one text every CHECK_EVERY_CHARS characters, is also encoded by HF `tokenizers`; a difference stops the run (DataError)
-before anything wrong is published.
+one text every CHECK_EVERY_CHARS characters, is also encoded by HF `tokenizers`; a difference stops the
+run (DataError) before anything wrong is published.
 """
 from __future__ import annotations
 

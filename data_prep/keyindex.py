@@ -124,8 +124,3 @@ class SignatureStore:
                 self._file.seek(r * self._row_bytes)
                 out[i] = np.frombuffer(self._file.read(self._row_bytes), dtype=np.uint32)
         return out
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -194,12 +194,13 @@ class Planner:
         return text
 
     def _match_exact(self, ordinal: int, side: int, key: bytes, source: str) -> None:
-        in_train = bool(self._train_keys.lookup([int.from_bytes(key[:8], "little")])[0])
+        short = int.from_bytes(key[:8], "little")
+        in_train = bool(self._train_keys.lookup([short])[0])
         if side == TRAIN:
             if in_train:
                 self._flag(ordinal, EXACT_DUP, source)
             else:
-                self._train_keys.add(int.from_bytes(key[:8], "little"), ordinal)
+                self._train_keys.add(short, ordinal)
             for v in self._val_waiting.pop(key, ()):
                 self._flag(v, TRAIN_EXACT, source)
         else:

@@ -580,7 +580,6 @@ def test_signature_store_reads_rows_back_from_memory_and_disk(tmp_path):
         store.append(r)
     picked = np.array([0, 4, 5, 10, 2])
     assert np.array_equal(store.get(picked), rows[picked])
-    store.close()
 
 
 def test_the_dedup_index_holds_a_few_hundred_bytes_per_document():
@@ -598,7 +597,6 @@ def test_the_dedup_index_holds_a_few_hundred_bytes_per_document():
             before, _ = tracemalloc.get_traced_memory()
     after, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    index._sigs.close()
     per_document = (after - before) / (n - first)
     assert per_document < 400, f"{per_document:.0f} bytes per document"
 
