@@ -480,6 +480,7 @@ _INFO = {
 _OPTIONAL_INFO = {
     "world_size": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
     "val_start": (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "a table of numbers"),
+    "good_since_scale": (_count, "an integer >= 0"),
 }
 
 

@@ -316,10 +316,13 @@ class Trainer:
         found = checkpoint.checkpoints(self.run_dir)
         if not found:
             raise TrainingError(f"{self.stability.bad_in_a_row} non-finite steps in a row at step {self.step} "
-                                f"and no checkpoint in {self.run_dir} to roll back to; lower optim.lr")
-        skipped, rollbacks, scale = self.stability.skipped, self.stability.rollbacks, self.schedule.scale
+                                f"and no checkpoint in {self.run_dir} to roll back to; "
+                                f"{self.stability.why_unrecoverable()}")
+        st = self.stability
+        skipped, rollbacks, scale, loss_scale = st.skipped, st.rollbacks, self.schedule.scale, st.loss_scale
         self._restore(found[-1], keep_data_cursor=True)
-        self.stability.skipped, self.stability.rollbacks = skipped, rollbacks + 1
+        # the loss scale the run has learned stays: the checkpoint's older, larger one would overflow again
+        st.skipped, st.rollbacks, st.loss_scale = skipped, rollbacks + 1, loss_scale
         self.schedule.scale = scale * self.cfg.stability.rollback_lr_factor
         self._print(f"rolled back to {found[-1]} (rollback {self.stability.rollbacks}); "
                     f"lr scale {self.schedule.scale:g}")
@@ -430,7 +433,7 @@ class Trainer:
                   "peak_mem_gb": self._peak_memory_gb()}
         if mfu:
             record["mfu"] = mfu
-        if self.stability.loss_scale != 1.0:
+        if self.stability.fp16:
             record["loss_scale"] = self.stability.loss_scale
         if out["ewc_penalty"] is not None:
             record["ewc_penalty"] = out["ewc_penalty"]
