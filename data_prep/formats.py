@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .errors import DataError
+from .fileio import check_json, read_json
 from .tally import Tally
 
 COMPRESSIONS = (".gz", ".zst", ".zstd")
@@ -153,25 +154,23 @@ def hf_dataset_files(directory: Path) -> list[Path] | None:
     """The Arrow files of a directory written by `datasets` save_to_disk, in the dataset's row order (a
     DatasetDict: each split's, in dataset_dict.json's order); None for any other directory."""
     state, splits = directory / "state.json", directory / "dataset_dict.json"
-    try:
-        if splits.is_file():
-            names = json.loads(splits.read_text(encoding="utf-8"))["splits"]
-            files = [hf_dataset_files(directory / n) for n in names]
-            if any(f is None for f in files):
-                raise DataError(f"{splits}: a split it names is not a saved dataset")
-            return [p for f in files for p in f]
-        if state.is_file():
-            entries = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
-            if entries is None:
-                return None
-            files = [directory / e["filename"] for e in entries]
-            missing = [str(p) for p in files if not p.is_file()]
-            if missing:
-                raise DataError(f"{state}: names data files that are missing ({', '.join(missing[:3])})")
-            return files
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{state if state.is_file() else splits}: not a datasets save_to_disk file ({e})") from None
-    return None
+    if splits.is_file():
+        names = read_json(splits, {"splits": [str]})["splits"]
+        files = [hf_dataset_files(directory / n) for n in names]
+        if any(f is None for f in files):
+            raise DataError(f"{splits}: a split it names is not a saved dataset")
+        return [p for f in files for p in f]
+    if not state.is_file():
+        return None
+    entries = read_json(state, {}).get("_data_files")
+    if entries is None:
+        return None
+    check_json(entries, [{"filename": str}], state, "_data_files")
+    files = [directory / e["filename"] for e in entries]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise DataError(f"{state}: names data files that are missing ({', '.join(missing[:3])})")
+    return files
 
 
 def jsonl_objects(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:

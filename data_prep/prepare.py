@@ -61,6 +61,25 @@ def split_documents(docs: Sequence[Document], val_fraction: float, seed: int) ->
 
 
 
+def check_settings(vocab_size: int, val_fraction: float, tokenizer_sample_bytes: int | None, shard_tokens: int = 1,
+                   workers: int = 1, tasks: int = 1, task: int = 0, wait_s: float = 0.0) -> None:
+    """Refuse numbers no run can use, before anything is read or written."""
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if not 0.0 <= val_fraction < 1.0:  # also refuses NaN
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if tokenizer_sample_bytes is not None and tokenizer_sample_bytes <= 0:
+        raise DataError(f"tokenizer_sample_bytes must be positive, got {tokenizer_sample_bytes}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    if tasks < 1 or not 0 <= task < tasks:
+        raise DataError(f"task {task} is not one of the {tasks} tasks (0..{tasks - 1})")
+    if not 0.0 <= wait_s <= float("inf"):
+        raise DataError(f"wait must be a number of seconds >= 0, got {wait_s}")
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
@@ -96,8 +115,7 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     _check_out_dir(out, overwrite)
     if tokenizer_dir is None and tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"unknown tokenizer kind {tokenizer!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
-    if tokenizer_sample_bytes is not None and tokenizer_sample_bytes <= 0:
-        raise DataError(f"tokenizer_sample_bytes must be positive, got {tokenizer_sample_bytes}")
+    check_settings(vocab_size, val_fraction, tokenizer_sample_bytes, shard_tokens, workers, tasks, task, wait_s)
     if not inputs:
         raise DataError("no inputs given")
     clean_cfg = clean if clean is not None else CleanConfig(normalize=None, strip_control=False, min_chars=1)
@@ -155,6 +173,7 @@ def prepare_tokenizer(inputs: Iterable[str], out_dir: str | os.PathLike, *, toke
     `prepare --tokenizer-from`: the one tokenizer many tasks share). Returns the tokenizer file."""
     if tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"unknown tokenizer kind {tokenizer!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
+    check_settings(vocab_size, val_fraction, tokenizer_sample_bytes)
     clean_cfg = clean if clean is not None else CleanConfig(normalize=None, strip_control=False, min_chars=1)
     config = {"inputs": list(inputs), "files": list_files(inputs, exclude), "text_field": text_field, "strict": strict,
               "sample_bytes": tokenizer_sample_bytes, "seed": seed, "val_fraction": val_fraction,

@@ -11,6 +11,7 @@ import fnmatch
 import gzip
 import os
 import re
+import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
@@ -78,20 +79,38 @@ def _walk(top: str, patterns: list[str], prefix: str, follow_links: bool, max_de
     "*" covers whole. Directory links are followed as glob follows them (a directory input is walked as
     Path.rglob walks it: without)."""
     prunable = [p for p in patterns if p.endswith("*")]
-    stack = [(top, prefix, 0)]
+    stack = [(top, prefix, 0, _dir_key(top))]
     while stack:
-        directory, shown, depth = stack.pop()
+        directory, shown, depth, ancestors = stack.pop()
         try:
             entries = list(os.scandir(directory))
         except OSError:  # unreadable directories are skipped, as glob skips them
             continue
         for entry in entries:
             path = f"{shown}/{entry.name}" if shown else entry.name
-            if entry.is_dir(follow_symlinks=follow_links):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=follow_links)
+                is_file = not is_dir and entry.is_file()  # not broken links, sockets, ...
+            except OSError:  # a link to itself or into a loop of links: it names no file
+                continue
+            if is_dir:
+                key = _dir_key(entry.path) if follow_links else ()
+                if key and key[0] in ancestors:  # a link back up the tree: following it never ends
+                    print(f"note: {path}: a symbolic link to a directory it is inside; not followed", file=sys.stderr)
+                    continue
                 if (max_depth is None or depth < max_depth) and not _excluded(Path(path), prunable, directory=True):
-                    stack.append((entry.path, path, depth + 1))
-            elif entry.is_file():  # not broken links, sockets, ...
+                    stack.append((entry.path, path, depth + 1, ancestors + key))
+            elif is_file:
                 yield path
+
+
+def _dir_key(path: str) -> tuple:
+    """(device, inode) of a directory, links followed, as a 1-tuple; () when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return ((st.st_dev, st.st_ino),)
 
 
 class _GlobMatcher:

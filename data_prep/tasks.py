@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .cleaning import CleanConfig, Cleaner
 from .dedup import BUCKET_CAP, LSHIndex, MinHashConfig, MinHasher, exact_key
 from .errors import DataError
-from .fileio import atomic_write_json, file_sha256
+from .fileio import COUNT, FRACTION, atomic_write_json, check_json, file_sha256, read_json
 from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, resolve, val_score
 from .shards import META_FILE, dtype_for_vocab, scan_tokens
 from .sources import Document, SourceStats, iter_files
@@ -55,6 +55,22 @@ _BAND = np.dtype([("band", "<i4"), ("key", "<u8"), ("order", "<i8"), ("side", "u
 _FLAGS = np.dtype([("index", "<i8"), ("flags", "u1")])
 _RECORD_BITS = 40  # order = file number << 40 | record number within the file
 
+# What each file a task writes and another (or merge) reads back must hold: read_json checks it.
+_TALLY = {str: {"count": COUNT, "example": str}}
+_SHARD = {"file": str, "index": str, "tokens": COUNT, "docs": COUNT, "crc32": str}
+_STAGE_DONE = {"fingerprint": str}
+_SIGN_DONE = {**_STAGE_DONE, "documents": COUNT, "files": COUNT, "bytes": COUNT, "skipped": _TALLY,
+              "dropped": _TALLY, "modified": _TALLY}
+_ENCODE_DONE = {**_STAGE_DONE, "task": COUNT, "tasks": COUNT, "documents_read": COUNT, "documents": COUNT,
+                "files": COUNT, "bytes": COUNT, "skipped": _TALLY, "removed": _TALLY, "modified": _TALLY,
+                "tokenizer_sha256": str,
+                "entries": {str: {"tokens": COUNT, "docs": COUNT, "bytes": COUNT, "shards": [_SHARD]}}}
+_DONE = {"sign": _SIGN_DONE, "match": _STAGE_DONE, "encode": _ENCODE_DONE}
+_CONFIG = {"tasks": COUNT, "files": [str], "inputs": [str], "exclude": [str], "excluded_files": COUNT,
+           "text_field": str, "strict": bool, "clean": dict, "dedup": str, "leakage": str, "minhash": dict,
+           "val_fraction": FRACTION, "seed": int, "shard_tokens": COUNT, "tokenizer": str, "vocab_size": COUNT,
+           "tokenizer_dir": str}
+
 
 def task_from_environment(tasks: int | None, task: int | None) -> tuple[int, int]:
     """(tasks, task): each from its flag, else from SLURM array variables, else from torchrun-style
@@ -67,8 +83,10 @@ def task_from_environment(tasks: int | None, task: int | None) -> tuple[int, int
             if task is None:
                 task = int(env[index]) - (int(env.get("SLURM_ARRAY_TASK_MIN", 0)) if count.startswith("SLURM") else 0)
             break
-    tasks, task = tasks or 1, task or 0
-    if tasks < 1 or not 0 <= task < tasks:
+    tasks, task = (1 if tasks is None else tasks), (0 if task is None else task)
+    if tasks < 1:
+        raise DataError(f"--tasks must be >= 1, got {tasks}")
+    if not 0 <= task < tasks:
         raise DataError(f"task {task} is not one of the {tasks} tasks (0..{tasks - 1})")
     return tasks, task
 
@@ -112,7 +130,8 @@ class Task:
             for name in STAGES if stage == "all" else (stage,):
                 if not (self.path / f"{name}.done").is_file():
                     getattr(self, f"_{name}")()
-            return json.loads((self.path / f"{stage if stage != 'all' else 'encode'}.done").read_text())
+            last = stage if stage != "all" else "encode"
+            return read_json(self.path / f"{last}.done", _DONE[last])
         finally:
             self.work.close()
 
@@ -266,7 +285,7 @@ class Task:
         except BaseException:
             encoder.abort()
             raise
-        sign = json.loads((self.path / "sign.done").read_text())
+        sign = read_json(self.path / "sign.done", _SIGN_DONE)
         removed = Tally.from_json(sign["dropped"])
         for reason, mask in reasons.items():
             if mask.any():
@@ -288,7 +307,7 @@ class Task:
                 done = _task_dir(self.out, t) / f"{stage}.done"
                 if not done.is_file():
                     missing.append(t)
-                elif json.loads(done.read_text())["fingerprint"] != self.fp:
+                elif read_json(done, _DONE[stage])["fingerprint"] != self.fp:
                     raise DataError(f"{done}: task {t} ran with other inputs or settings than task {self.task}")
             if not missing:
                 return
@@ -316,15 +335,16 @@ def merge(out: Path, overwrite: bool = False) -> dict:
 
     out = Path(out)
     root = tasks_root(out)
-    try:
-        config = json.loads((root / "config-00000.json").read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{root}: no task has started here (run python -m data_prep prepare ... --tasks N first)") from None
+    if not (root / "config-00000.json").exists():
+        raise DataError(f"{root}: no task has started here (run python -m data_prep prepare ... --tasks N first)")
+    config = read_json(root / "config-00000.json", _CONFIG)
     tasks = config["tasks"]
+    if tasks < 1:
+        raise DataError(f"{root / 'config-00000.json'}: tasks must be >= 1, got {tasks}")
     missing = [k for k in range(tasks) if not (_task_dir(out, k) / "encode.done").is_file()]
     if missing:
         raise DataError(f"{root}: tasks {_ranges(missing)} of {tasks} have not finished")
-    results = [json.loads((_task_dir(out, k) / "encode.done").read_text()) for k in range(tasks)]
+    results = [_task_result(_task_dir(out, k) / "encode.done", k, tasks) for k in range(tasks)]
     for k, r in enumerate(results):
         if r["fingerprint"] != results[0]["fingerprint"] or r["tokenizer_sha256"] != results[0]["tokenizer_sha256"]:
             raise DataError(f"{_task_dir(out, k)}: task {k} ran with other inputs, settings or tokenizer than task 0")
@@ -374,6 +394,23 @@ def merge(out: Path, overwrite: bool = False) -> dict:
     _publish(staging, out, overwrite)
     shutil.rmtree(root, ignore_errors=True)
     return meta
+
+
+def _task_result(path: Path, k: int, tasks: int) -> dict:
+    """Task k's encode.done, checked: its fields, its own task number, and shard names that stay in its directory."""
+    result = read_json(path, _ENCODE_DONE)
+    if (result["task"], result["tasks"]) != (k, tasks):
+        raise DataError(f"{path}: task {k}'s result says it is task {result['task']} of {result['tasks']}, "
+                        f"not {k} of {tasks}")
+    for split, entry in result["entries"].items():
+        if split not in ("train", "val"):
+            raise DataError(f"{path}: entries.{split} is not a split (expected train or val)")
+        for i, shard in enumerate(entry["shards"]):
+            for key in ("file", "index"):
+                name = shard[key]
+                if not name or name != Path(name).name or name in (".", ".."):
+                    raise DataError(f"{path}: entries.{split}.shards[{i}].{key} {name!r} is not a plain file name")
+    return result
 
 
 def _check_shard(directory: Path, shard: dict, dtype: str, vocab_size: int) -> None:

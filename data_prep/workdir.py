@@ -15,9 +15,13 @@ import shutil
 from pathlib import Path
 
 from .errors import DataError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import COUNT, atomic_write_bytes, atomic_write_json, check_json, read_json
 
 STATE_FILE = "state.json"
+_SHARD = {"file": str, "index": str, "tokens": COUNT, "docs": COUNT, "sha256": str, "crc32": str}
+_STATE = {"fingerprint": str}
+_PROGRESS = {"train": {"shards": [_SHARD], "next": COUNT, "bytes": COUNT}, "pending": {"docs": COUNT, "tokens": COUNT}}
+_TOKENIZER = {"file": str, "trained_on": str}
 
 
 def fingerprint(config: dict, files: list[Path]) -> str:
@@ -40,9 +44,12 @@ class WorkDir:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"{self.path}: another prepare run is building here") from None
-        try:
-            state = json.loads((self.path / STATE_FILE).read_text())
-        except (OSError, ValueError):
+        try:  # damaged progress is not worth an error: it only costs the work redone
+            state = read_json(self.path / STATE_FILE, _STATE)
+            for key, spec in (("progress", _PROGRESS), ("tokenizer", _TOKENIZER)):
+                if state.get(key):
+                    check_json(state[key], spec, self.path / STATE_FILE, key)
+        except DataError:
             state = {}
         if state.get("fingerprint") == fp:
             self.state = state

@@ -1,0 +1,227 @@
+"""Issue 22 "Trust for every command", data_prep's part: every JSON data_prep reads back goes through one
+validating reader, numeric settings are checked, symlink loops, huge documents, remote 5xx and full disks
+end in one line (or bounded memory), and the multi-task sign stage is as compact as the planner."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, run_cli
+from data_prep import DataError, prepare
+from data_prep.prepare import prepare_tokenizer
+from data_prep.tasks import STAGES, merge
+
+
+def _words(rng, n):
+    return " ".join(f"w{rng.randrange(3000)}" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def small_src(tmp_path_factory):
+    import random
+    rng = random.Random(3)
+    root = tmp_path_factory.mktemp("r3")
+    src = root / "src"
+    src.mkdir()
+    for i in range(24):
+        (src / f"d{i:02d}.txt").write_text(_words(rng, 60) + "\n")
+    prepare_tokenizer([str(src)], root / "tok", vocab_size=300, show_progress=False)
+    return src, root / "tok"
+
+
+@pytest.fixture(scope="module")
+def finished_tasks(small_src, tmp_path_factory):
+    """A two-task run whose tasks have all finished, not yet merged: `out` and its `out.tmp-tasks`."""
+    src, tok = small_src
+    out = tmp_path_factory.mktemp("tasks") / "out"
+    for stage in STAGES:
+        for k in (0, 1):
+            prepare([str(src)], out, tokenizer_dir=tok, val_fraction=0.2, show_progress=False, tasks=2, task=k,
+                    stage=stage)
+    return out
+
+
+def _copy_tasks(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(Path(f"{finished}.tmp-tasks"), tmp_path / "out.tmp-tasks")
+    return out, tmp_path / "out.tmp-tasks"
+
+
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    obj = edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+# ---------------------------------------------------------------- task manifests and merge inputs
+
+def _set(*keys, value):
+    def edit(obj):
+        o = obj
+        for k in keys[:-1]:
+            o = o[k]
+        o[keys[-1]] = value
+        return obj
+    return edit
+
+
+def _first_shard(field, value):
+    def edit(obj):
+        split = next(iter(obj["entries"]))
+        obj["entries"][split]["shards"][0][field] = value
+        return obj
+    return edit
+
+
+BAD_DONE = [
+    ("not json", None, "not valid JSON"),
+    ("{}", None, "fingerprint is missing"),
+    ("[1]", None, "must be a JSON object"),
+    ("null", None, "must be a JSON object"),
+    (None, _set("entries", value=[1]), "entries must be a JSON object"),
+    (None, _set("entries", "train", value="x"), "entries.train must be a JSON object"),
+    (None, _set("entries", "test", value={"tokens": 0, "docs": 0, "bytes": 0, "shards": []}), "entries.test"),
+    (None, _set("documents", value="12"), "documents must be an integer >= 0"),
+    (None, _set("removed", value={"x": {"count": "1", "example": "a"}}), "removed.x.count"),
+    (None, _set("skipped", value=[]), "skipped must be a JSON object"),
+    (None, _first_shard("tokens", -5), "tokens must be an integer >= 0"),
+    (None, _first_shard("file", "../../../etc/passwd"), "is not a plain file name"),
+    (None, _first_shard("file", 7), "file must be a string"),
+    (None, _set("task", value=0), "task 1's result says it is task 0"),
+    (None, _set("tasks", value=3), "is task 1 of 3, not 1 of 2"),
+]
+
+
+@pytest.mark.parametrize("content,edit,fragment", BAD_DONE)
+def test_a_damaged_encode_done_is_one_line_naming_file_and_field(finished_tasks, tmp_path, content, edit, fragment):
+    out, root = _copy_tasks(finished_tasks, tmp_path)
+    done = root / "task-00001" / "encode.done"
+    if content is not None:
+        done.write_text(content)
+    else:
+        _edit_json(done, edit)
+    result = run_cli("-m", "data_prep", "merge", out)
+    assert_user_error(result, str(done), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("{", "not valid JSON"), ("[]", "must be a JSON object"), ('{"tasks": 2}', "is missing"),
+    (_set("tasks", value=0), "tasks must be >= 1"), (_set("tasks", value="2"), "tasks must be an integer"),
+    (_set("val_fraction", value=1.5), "val_fraction must be a number in [0, 1)"),
+    (_set("files", value=[3]), "files[0] must be a string")])
+def test_a_damaged_task_config_is_one_line(finished_tasks, tmp_path, content, fragment):
+    out, root = _copy_tasks(finished_tasks, tmp_path)
+    if callable(content):
+        _edit_json(root / "config-00000.json", content)
+    else:
+        (root / "config-00000.json").write_text(content)
+    result = run_cli("-m", "data_prep", "merge", out)
+    assert_user_error(result, "config-00000.json", fragment)
+
+
+def test_merge_of_missing_or_partial_task_output_is_one_line_each(finished_tasks, tmp_path):
+    out, root = _copy_tasks(finished_tasks, tmp_path)
+    assert_user_error(run_cli("-m", "data_prep", "merge", tmp_path / "nothing"), "no task has started here")
+    done = json.loads((root / "task-00000" / "encode.done").read_text())
+    shard = done["entries"]["train"]["shards"][0]
+    path = root / "task-00000" / shard["file"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a partial shard
+    assert_user_error(run_cli("-m", "data_prep", "merge", out), shard["file"], "tokens, the task's manifest says")
+    path.unlink()
+    assert_user_error(run_cli("-m", "data_prep", "merge", out), shard["file"], "is missing")
+    path.write_bytes(data)
+    (root / "task-00001" / "encode.done").unlink()
+    assert_user_error(run_cli("-m", "data_prep", "merge", out), "tasks 1 of 2 have not finished")
+    shutil.rmtree(root / "task-00001")
+    assert_user_error(run_cli("-m", "data_prep", "merge", out), "tasks 1 of 2 have not finished")
+
+
+def test_a_damaged_sign_done_or_other_stage_file_is_one_line(small_src, tmp_path):
+    src, tok = small_src
+    out = tmp_path / "out"
+    kw = dict(tokenizer_dir=tok, val_fraction=0.2, show_progress=False, tasks=2)
+    for k in (0, 1):
+        prepare([str(src)], out, task=k, stage="sign", **kw)
+    sign = tmp_path / "out.tmp-tasks" / "task-00001" / "sign.done"
+    saved = sign.read_text()
+    sign.write_text("[1]")
+    with pytest.raises(DataError, match=rf"{sign}: the file must be a JSON object"):
+        prepare([str(src)], out, task=0, stage="match", **kw)
+    sign.write_text(json.dumps(dict(json.loads(saved), fingerprint=5)))
+    with pytest.raises(DataError, match=rf"{sign}: fingerprint must be a string"):
+        prepare([str(src)], out, task=0, stage="match", **kw)
+
+
+def test_a_damaged_work_state_starts_over_instead_of_a_traceback(small_src, tmp_path, monkeypatch):
+    from data_prep.prepare import FAIL_AFTER_ENV
+    src, tok = small_src
+    out = tmp_path / "out"
+    kw = dict(tokenizer_dir=tok, val_fraction=0.2, show_progress=False, shard_tokens=500)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(RuntimeError):
+        prepare([str(src)], out, **kw)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    state = tmp_path / "out.tmp-prepare" / "state.json"
+    _edit_json(state, _set("progress", "train", value=[1, 2]))
+    meta = prepare([str(src)], out, **kw)
+    reference = prepare([str(src)], tmp_path / "ref", **kw)
+    assert meta["splits"] == reference["splits"]
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"splits": 5}', '{"splits": [1]}', "{"])
+def test_a_damaged_hf_dataset_dict_is_one_line(tmp_path, content):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_dict.json").write_text(content)
+    result = run_cli("-m", "data_prep", "prepare", tmp_path / "ds", "--out", tmp_path / "out", "--quiet")
+    assert_user_error(result, "dataset_dict.json")
+
+
+# ---------------------------------------------------------------- numeric settings
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--tasks", "0"], "--tasks"), (["--tasks", "-2"], "--tasks"), (["--tasks", "2", "--task", "2"], "task 2"),
+    (["--tasks", "2", "--task", "-1"], "task -1"), (["--vocab-size", "0"], "vocab"),
+    (["--vocab-size", "-5"], "vocab"), (["--val-fraction", "1"], "val_fraction"),
+    (["--val-fraction", "-0.1"], "val_fraction"), (["--val-fraction", "nan"], "val_fraction"),
+    (["--shard-tokens", "0"], "shard_tokens"), (["--workers", "0"], "workers"),
+    (["--min-chars", "-1"], "min_chars"), (["--minhash-bands", "0"], "MinHash"),
+    (["--near-threshold", "1.5"], "threshold"), (["--tokenizer-sample-bytes", "-3"], "tokenizer_sample_bytes"),
+    (["--wait", "-1"], "wait"), (["--wait", "nan"], "wait")])
+def test_bad_numeric_flags_are_refused_in_one_line(tiny_corpus, tmp_path, flags, fragment):
+    result = run_cli("-m", "data_prep", "prepare", tiny_corpus, "--out", tmp_path / "out", "--quiet",
+                     "--tokenizer", "char", *flags)
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp-prepare").exists()
+
+
+@pytest.mark.parametrize("flags,fragment", [(["--vocab-size", "0"], "vocab"), (["--val-fraction", "2"], "val_fraction"),
+                                            (["--tokenizer-sample-bytes", "-1"], "tokenizer_sample_bytes")])
+def test_bad_numeric_flags_of_the_tokenizer_command(tiny_corpus, tmp_path, flags, fragment):
+    result = run_cli("-m", "data_prep", "tokenizer", tiny_corpus, "--out", tmp_path / "tok", "--quiet", *flags)
+    assert_user_error(result, fragment)
+
+
+# ---------------------------------------------------------------- symlink loops
+
+def test_a_symlink_loop_in_a_directory_or_under_a_glob_is_not_followed_forever(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "doc.txt").write_text("some text here\n")
+    (src / "a" / "b" / "other.txt").write_text("other text there\n")
+    os.symlink(src / "a", src / "a" / "b" / "loop")  # a -> b -> loop -> a ...
+    os.symlink("self", src / "self")  # a link to itself: neither file nor directory
+    from data_prep.sources import list_files
+    for spec in (str(src), f"{src}/**/*.txt", f"{src}/**"):
+        files = list_files([spec])
+        names = sorted(p.name for p in files)
+        assert names == ["doc.txt", "other.txt"], (spec, names)  # each file once, no error
+    result = run_cli("-m", "data_prep", "prepare", f"{src}/**/*.txt", "--out", tmp_path / "out", "--quiet",
+                     "--tokenizer", "char", "--val-fraction", "0", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
