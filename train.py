@@ -46,6 +46,11 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        resume = args.resume or args.resume_from_last_good
+        if resume and (done := finished_already(cfg, args.resume_from_last_good)):
+            if os.environ.get("RANK", "0") == "0":
+                print(done)
+            return 0
         trainer = Trainer(cfg, resume=args.resume or args.resume_from_last_good, last_good=args.resume_from_last_good)
         try:
             result = trainer.run()
@@ -55,9 +60,38 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
-        print(f"done: step {result['step']}, val loss {result['val_loss']}, val bits/byte {result['val_bpb']}, "
-              f"skipped steps {result['skipped']}")
+        print(done_line(result))
     return 0
+
+
+def done_line(result: dict) -> str:
+    """The closing line: the last validation says at which step it was measured when that is not the
+    last step (a run stopped by Ctrl-C or SIGTERM between evaluations)."""
+    parts = [f"done: step {result['step']}"]
+    val, at = result["val_loss"], result.get("val_step")
+    if val is not None:
+        when = "" if at == result["step"] else f" (at step {at})" if at is not None else " (before this run)"
+        parts.append(f"val loss {val:.4f}{when}")
+        if result.get("val_bpb") is not None:
+            parts.append(f"val bits/byte {result['val_bpb']:.4f}")
+    parts.append(f"skipped steps {result['skipped']}")
+    return ", ".join(parts)
+
+
+def finished_already(cfg, last_good: bool) -> str | None:
+    """`--resume` of a run whose newest checkpoint is at train.max_steps: what to say instead of training."""
+    from pathlib import Path
+
+    from lm import checkpoint
+
+    ckpt = checkpoint.find_resumable(Path(cfg.train.out_dir), last_good)
+    if ckpt is None:
+        return None
+    step = checkpoint.load_info(ckpt)["step"]
+    if step < cfg.train.max_steps:
+        return None
+    return (f"{cfg.train.out_dir} is finished: its newest checkpoint {ckpt.name} is at step {step} and "
+            f"train.max_steps = {cfg.train.max_steps}; nothing to train (raise train.max_steps to go on)")
 
 
 def print_plan(args) -> int:

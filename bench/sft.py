@@ -69,8 +69,8 @@ def completion_loss(run: Path, val_file: Path) -> float:
     model.document_eos = tokenizer.eos_id
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, val.rows, 8):
-            n = min(8, val.rows - start)
+        for start in range(0, val.sequences, 8):
+            n = min(8, val.sequences - start)
             x, y = val.stream.batch(start, n, torch.device("cpu"))
             tokens = int((y != -100).sum())
             total += model(x, y)[1].item() * tokens

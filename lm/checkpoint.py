@@ -289,7 +289,7 @@ def _all_gather(obj) -> list:
     return out
 
 
-def _raise_if_any(error: str | None):
+def raise_if_any(error: str | None):
     """A barrier that also tells every rank whether any failed, so that none waits on one that gave up."""
     first = next((e for e in _all_gather(error) if e), None)
     if first:
@@ -387,7 +387,7 @@ def save(run_dir: Path, step: int, model, optimizer, info: dict, cfg: Config, to
             tmp.mkdir()
         except OSError as e:
             error = _save_error(e, root, step)
-    _raise_if_any(error)
+    raise_if_any(error)
 
     # Any failure is caught (not only OSError) so that it reaches every rank instead of leaving them waiting.
     written, error = {}, None
@@ -424,7 +424,7 @@ def save(run_dir: Path, step: int, model, optimizer, info: dict, cfg: Config, to
                 error = f"{final}: saved, but removing older checkpoints failed ({_first_line(e)})"
     if error and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _raise_if_any(error)
+    raise_if_any(error)
     return final
 
 
@@ -481,6 +481,7 @@ _OPTIONAL_INFO = {
     "world_size": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
     "val_start": (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "a table of numbers"),
     "good_since_scale": (_count, "an integer >= 0"),
+    "val_step": (lambda v: v is None or _count(v), "an integer >= 0 or null"),
 }
 
 
@@ -505,7 +506,8 @@ def load_info(ckpt: Path) -> dict:
 
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation", "norm", "position",
-              "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "share_layers", "head_dim")
+              "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "share_layers", "head_dim",
+              "tie_embeddings")
 RESOLVED = {"mlp_hidden": mlp_hidden_size, "n_kv_head": lambda m: m.n_kv_head or m.n_head, "head_dim": head_size}  # 0 means a default
 
 
@@ -594,25 +596,27 @@ def load_model(ckpt: Path, model: torch.nn.Module):
     `model.safetensors` of `lm.export --format safetensors` (which stores the tied head once)."""
     path = ckpt / "model.safetensors"
     if path.is_file() and not (ckpt / ".metadata").is_file():
-        from safetensors import safe_open
+        from data_prep import DataError
+        from lm.files import expect_tensor, read_safetensors
+        from lm.quantize import FLOATS, QUANT_KEY, dequantized_state
 
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        tied = model.lm_head.weight is model.transformer.wte.weight
+        if tied:  # stored once, as the embedding
+            del shapes["lm_head.weight"]
         try:
-            with safe_open(str(path), "pt") as f:
-                state = {key: f.get_tensor(key) for key in f.keys()}
-                quantized = (f.metadata() or {}).get("lmforge_quantized")
-        except Exception as e:  # a truncated or foreign file
-            raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
-        if quantized:  # lm.quantize: integers and scales, made fp32 here
-            from lm.quantize import dequantized_state
-
-            state = dequantized_state(state, {k: v.shape for k, v in model.state_dict().items()})
-        state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-        for key, tensor in model.state_dict().items():
-            if state.get(key) is None:
-                raise CheckpointError(f"{path}: has no tensor '{key}'")
-            if state[key].shape != tensor.shape:
-                raise CheckpointError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, "
-                                      f"the model expects {tuple(tensor.shape)}")
+            stored, metadata = read_safetensors(path)  # header checked before anything is allocated
+            if tied and "lm_head.weight" in stored:
+                raise DataError(f"{path}: holds its own lm_head.weight, but model.tie_embeddings is true in "
+                                f"{ckpt / 'config.toml'}")
+            if QUANT_KEY in metadata:  # lm.quantize: integers and scales, made fp32 here
+                state = dequantized_state(path, stored, metadata, shapes)
+            else:
+                state = {k: expect_tensor(stored, k, path, shape, FLOATS) for k, shape in shapes.items()}
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
+        if tied:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
         model.load_state_dict(state)
         return
     state = {"model": model.state_dict()}

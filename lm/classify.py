@@ -96,26 +96,44 @@ def class_logits(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
-def classification_metrics(confusion: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro-F1 (over the classes that occur as truth or prediction, as scikit-learn), and per
-    class precision, recall and F1 (0 where undefined) from a confusion matrix (rows true, columns
-    predicted)."""
-    confusion = np.asarray(confusion, dtype=np.int64)
-    tp = np.diag(confusion).astype(np.float64)
-    actual, predicted = confusion.sum(1), confusion.sum(0)
+PER_CLASS_LIMIT = 64  # up to this many classes every evaluation logs per-class metrics and the confusion matrix
+
+
+def _metrics(tp, actual, predicted, labels: list[str], per_class: bool) -> dict:
+    tp, actual, predicted = (np.asarray(v, dtype=np.float64) for v in (tp, actual, predicted))
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     present = (actual + predicted) > 0
-    out = {"val/accuracy": float(tp.sum() / max(1, confusion.sum())),
+    out = {"val/accuracy": float(tp.sum() / max(1, actual.sum())),
            "val/macro_f1": float(f1[present].mean()) if present.any() else 0.0}
-    for i, label in enumerate(labels):
-        out[f"val/precision/{label}"] = float(precision[i])
-        out[f"val/recall/{label}"] = float(recall[i])
-        out[f"val/f1/{label}"] = float(f1[i])
+    if per_class:
+        for i, label in enumerate(labels):
+            out[f"val/precision/{label}"] = float(precision[i])
+            out[f"val/recall/{label}"] = float(recall[i])
+            out[f"val/f1/{label}"] = float(f1[i])
+    return out
+
+
+def classification_metrics(confusion: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, macro-F1 (over the classes that occur as truth or prediction, as scikit-learn), and per
+    class precision, recall and F1 (0 where undefined) from a confusion matrix (rows true, columns
+    predicted)."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    out = _metrics(np.diag(confusion), confusion.sum(1), confusion.sum(0), labels, per_class=True)
     out["val/confusion"] = confusion.tolist()
     return out
+
+
+def prediction_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    """classification_metrics of (true, predicted) class pairs; above PER_CLASS_LIMIT classes only accuracy
+    and macro-F1 (counts of length C: no C x C matrix, no thousands of keys per record)."""
+    C = len(labels)
+    if C <= PER_CLASS_LIMIT:
+        return classification_metrics(np.bincount(truth * C + predicted, minlength=C * C).reshape(C, C), labels)
+    counts = [np.bincount(v, minlength=C) for v in (truth[truth == predicted], truth, predicted)]
+    return _metrics(*counts, labels, per_class=False)
 
 
 def metric_key(metric: str) -> str:
@@ -135,13 +153,15 @@ class ClassifyEvaluator:
         self.batch_size, self.pad_id = cfg.train.batch_size, pad_id
         self.start: dict[str, float] = {}
         self.last_loss: float | None = None
+        self.last_step: int | None = None
 
     @torch.no_grad()
     def evaluate(self, model, step: int) -> dict:
-        n, b, w, r, C = len(self.val), self.batch_size, self.world.size, self.world.rank, len(self.labels)
+        n, b, w, r = len(self.val), self.batch_size, self.world.size, self.world.rank
         share = math.ceil(n / w)
         first, end = r * share, min(n, (r + 1) * share)
-        totals = torch.zeros(C * C + 1, dtype=torch.float64, device=self.device)  # confusion, loss sum
+        # each rank fills its rows' predictions (zeros elsewhere), so one sum over ranks gathers them all
+        totals = torch.zeros(n + 1, dtype=torch.float64, device=self.device)  # predictions, loss sum
         was_training = model.training
         model.eval()
         for start in range(first, first + share, b):
@@ -153,19 +173,22 @@ class ClassifyEvaluator:
             if count:
                 y = torch.from_numpy(self.val.labels[rows]).to(self.device)
                 totals[-1] += F.cross_entropy(logits, y, reduction="sum").double()
-                totals[:-1] += torch.bincount(y * C + logits.argmax(-1), minlength=C * C).double()
+                totals[start:start + count] = logits.argmax(-1).double()
         model.train(was_training)
         if self.world.distributed:
             dist.all_reduce(totals)
-        confusion = totals[:-1].round().long().view(C, C).cpu().numpy()
-        self.last_loss = totals[-1].item() / n
-        return {"step": step, "val_loss": self.last_loss, **classification_metrics(confusion, self.labels)}
+        predicted = totals[:-1].round().long().cpu().numpy()
+        self.last_loss, self.last_step = totals[-1].item() / n, step
+        return {"step": step, "val_loss": self.last_loss,
+                **prediction_metrics(np.asarray(self.val.labels, dtype=np.int64), predicted, self.labels)}
 
     def summary(self, record: dict) -> str:
+        line = (f"val loss {record['val_loss']:.4f}, accuracy {record['val/accuracy']:.4f}, "
+                f"macro-F1 {record['val/macro_f1']:.4f}")
+        if len(self.labels) > PER_CLASS_LIMIT:
+            return line
         recall = " ".join(f"{label} {record[f'val/recall/{label}']:.3f}" for label in self.labels[:8])
-        more = " ..." if len(self.labels) > 8 else ""
-        return (f"val loss {record['val_loss']:.4f}, accuracy {record['val/accuracy']:.4f}, "
-                f"macro-F1 {record['val/macro_f1']:.4f}; recall {recall}{more}")
+        return f"{line}; recall {recall}{' ...' if len(self.labels) > 8 else ''}"
 
 
 class BestTracker:
@@ -378,7 +401,7 @@ class ClassifyTrainer(Trainer):
                         f"{self.best.patience}); nothing to train")
             self.metrics.close()
             result = {"step": self.step, "train_loss": float("nan"), "val_loss": self.evaluator.last_loss,
-                      "skipped": self.stability.skipped, "val_bpb": None}
+                      "val_step": self.evaluator.last_step, "skipped": self.stability.skipped, "val_bpb": None}
         else:
             result = super().run(stop_at_step)
         return {**result, "best": self.best.value, "best_step": self.best.step, "stopped_early": self.best.exhausted}
@@ -417,13 +440,14 @@ def predict(model, tokenizer, cfg: Config, texts: list[str], batch_size: int = 3
 
 
 def _read_texts(path: Path, field: str) -> list[str]:
-    """A JSONL file's `field` per line, or a text file's non-empty lines."""
-    if path.suffix == ".jsonl":
+    """A JSONL file's `field` per line, or a text file's non-empty lines; at least one."""
+    from lm.files import read_text
+
+    lines = read_text(path, "file of texts").splitlines()
+    if path.suffix != ".jsonl":
+        texts = [line for line in lines if line.strip()]
+    else:
         texts = []
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read ({e})") from None
         for number, line in enumerate(lines, 1):
             if line.strip():
                 try:
@@ -433,11 +457,9 @@ def _read_texts(path: Path, field: str) -> list[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise DataError(f"{path}:{number}: has no string field '{field}'")
                 texts.append(record[field])
-        return texts
-    try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    if not texts:
+        raise DataError(f"{path}: no texts to classify (the file is empty or blank)")
+    return texts
 
 
 def main(argv=None) -> int:
@@ -456,7 +478,7 @@ def main(argv=None) -> int:
         if not args.text and args.file is None:
             raise ValueError("give --text TEXT (repeatable) or --file FILE")
         if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
         ckpt, cfg, model, tokenizer = load_classifier(args.run, args.device, args.last)
         texts = list(args.text)
         if args.file is not None:

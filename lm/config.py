@@ -5,6 +5,7 @@ override), the key, and the closest valid key; `train.py` prints it and exits wi
 """
 from __future__ import annotations
 
+import math
 import contextlib
 import dataclasses
 import difflib
@@ -79,6 +80,8 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
     head_dim: int = 0  # size of each attention head; 0: n_embd / n_head (structured head pruning makes it differ)
     share_layers: int = 1  # K > 1: each group of K consecutive blocks runs one set of weights (ALBERT)
+    tie_embeddings: bool = True  # the output head is the token embedding; false: its own matrix (Llama 3 8B)
+    norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm (HF Llama's rms_norm_eps; its default 1e-6)
 
 
 @dataclass
@@ -480,6 +483,10 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
     def bad(key, why):
         raise ConfigError(f"{(origins or {}).get(key, where)}: {key} {why}")
 
+    for section in _SECTION_TYPES:  # TOML reads inf and nan: no setting takes them
+        for key, value in vars(getattr(cfg, section)).items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                bad(f"{section}.{key}", f"= {value}: must be a finite number (not inf or nan)")
     for (section, key), options in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in options:
@@ -535,6 +542,12 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
                           f"parameters, more than the {MAX_PARAMS:.0e} a model here can have")
     if not 0.0 <= m.dropout < 1.0:
         bad("model.dropout", f"= {m.dropout} must be in [0, 1)")
+    if not 0.0 < m.norm_eps < 1.0:
+        bad("model.norm_eps", f"= {m.norm_eps} must be in (0, 1)")
+    if not 0.0 <= cfg.sft.val_fraction < 1.0:
+        bad("sft.val_fraction", f"= {cfg.sft.val_fraction} must be in [0, 1)")
+    if cfg.sft.train_file and "drop" in kinds:
+        bad("data.augment", "'drop' writes EOS into the inputs, which sft.train_file's packing reads as example ends")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         bad("data.val_fraction", f"= {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.vocab_size < 2:

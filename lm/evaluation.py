@@ -61,6 +61,7 @@ class Evaluator:
         self.sequences, self.batch_size = cfg.train.eval_sequences, cfg.train.batch_size
         self.start: dict[str, float] = {}  # each set's loss at the start of the run
         self.last_loss: float | None = None  # of the first set
+        self.last_step: int | None = None  # the step last_loss was measured at
         # `[eval] tasks`, scored at every evaluation by every rank, each a share (lm/eval/scoring.py)
         self.tasks = training_tasks(cfg)
         if self.tasks and not sets:
@@ -69,10 +70,11 @@ class Evaluator:
 
     @torch.no_grad()
     def loss(self, model, val: ValSet) -> float:
-        """Mean loss over the set's `eval_sequences` windows. Rank r scores a contiguous share; every rank
-        runs the same number of forwards (FSDP gathers weights collectively), an idle one on a dummy
-        window with weight 0."""
-        n, b, w, r = self.sequences, self.batch_size, self.world.size, self.world.rank
+        """Mean loss per target token over the set's `eval_sequences` windows. Rank r scores a contiguous
+        share; every rank runs the same number of forwards (FSDP gathers weights collectively), an idle one
+        on a dummy window with weight 0."""
+        n = getattr(val, "sequences", None) or self.sequences  # a packed SFT set: each row once
+        b, w, r = self.batch_size, self.world.size, self.world.rank
         share = math.ceil(n / w)
         first, end = r * share, min(n, (r + 1) * share)
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
@@ -83,7 +85,9 @@ class Evaluator:
             x, y = val.stream.batch(start if count else 0, max(count, 1), self.device)
             with self.autocast():
                 loss = model(x, y)[1].double()
-            total += torch.stack([loss * count, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
+            # weighted by scored targets, so the result is a mean over tokens (SFT rows hold fewer)
+            targets = (y[:count] >= 0).sum().double()
+            total += torch.stack([torch.where(targets > 0, loss * targets, 0.0), targets])
         model.train(was_training)
         if self.world.distributed:
             dist.all_reduce(total)
@@ -94,7 +98,7 @@ class Evaluator:
         bits/byte and change since the start: forgetting (rise of "replay"), adaptation (fall of "new")."""
         losses = {s.name: self.loss(model, s) for s in self.sets}
         first = self.sets[0]
-        self.last_loss = losses[first.name]
+        self.last_loss, self.last_step = losses[first.name], step
         record = {"step": step, "val_loss": self.last_loss, "val_bpb": bits_per_byte(self.last_loss, first)}
         if first.name:
             for s in self.sets:

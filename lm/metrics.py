@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
         self.wandb = None
+        self.failed = False  # a write failed: metrics.jsonl is left as it was
         if not enabled:
             return
         if resume_step is not None:
@@ -72,8 +74,16 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {**record, "wall_s": round(time.perf_counter() - self.start, 3)}  # since this process began
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if not self.failed:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                # A disk that fills or turns read-only mid-run: training goes on (the console still shows
+                # progress), and the next checkpoint save says in one line whether the run can continue.
+                self.failed = True
+                print(f"warning: {self.path}: cannot write ({e.strerror or e}); metrics from step "
+                      f"{record.get('step')} on go to the console only", file=sys.stderr)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("step", "wall_s")}, step=record["step"])
 

@@ -45,10 +45,23 @@ def read_examples(path: Path, prompt_field: str, completion_field: str, messages
 def _chat(turns, where: str) -> tuple[str, str]:
     ok = isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("role"), str)
                                                     and isinstance(t.get("content"), str) for t in turns)
-    if not ok or turns[-1]["role"] != "assistant":
-        raise DataError(f"{where}: messages must be a list of {{role, content}} ending with an assistant turn")
+    if not ok or turns[-1]["role"] != "assistant" or not turns[-1]["content"]:
+        raise DataError(f"{where}: messages must be a list of {{role, content}} ending with a non-empty "
+                        "assistant turn")
     prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:-1]) + "assistant: "
     return prompt, turns[-1]["content"]
+
+
+def fit(prompt: list[int], completion: list[int], width: int, eos: int) -> tuple[list[int], bool]:
+    """One example as at most `width` ids (ignored targets negative), and whether its completion was cut.
+    The completion and its EOS are kept whole when they fit beside one prompt token (the one that predicts
+    the completion's first token); the prompt loses its beginning first. A completion too long for the
+    window keeps its beginning and no EOS: the model must not learn to stop where the window did."""
+    whole = len(completion) + 2 <= width
+    kept = completion if whole else completion[:width - 1]
+    room = width - len(kept) - whole  # >= 1
+    prompt = (prompt or [eos])[-room:]
+    return [-(t + 1) for t in prompt] + kept + ([eos] if whole else []), not whole
 
 
 def pack(examples: list[tuple[list[int], list[int]]], block_size: int, eos: int) -> np.ndarray:
@@ -61,10 +74,7 @@ def pack(examples: list[tuple[list[int], list[int]]], block_size: int, eos: int)
         rows.append(row + pad)
 
     for prompt, completion in examples:
-        completion = completion[:width - 1]  # at least one prompt token (the one that predicts it)
-        prompt = prompt[-(width - len(completion) - 1):] if prompt else [eos]
-        ids = [-(t + 1) for t in prompt] + completion + [eos]
-        ids = ids[:width]
+        ids, _ = fit(prompt, completion, width, eos)
         if len(row) + len(ids) > width:
             close(row)
             row = []
@@ -104,17 +114,21 @@ class PackedStream:
 
 
 class PackedValSet:
-    """The validation examples, scored like a val split (lm.evaluation): all rows, in order."""
+    """The validation examples, scored like a val split (lm.evaluation) but each row once (`sequences`),
+    the loss a mean over target tokens; bits/byte counts the bytes of what is scored: the completion
+    tokens kept in the window and the EOS ending each (EOS has no bytes, as in a prepared split)."""
 
-    def __init__(self, rows: np.ndarray, completion_bytes: int, completion_tokens: int):
+    def __init__(self, rows: np.ndarray, scored_bytes: int):
         self.name, self.directory = "", "sft"
         self.stream = PackedStream(rows, seed=0, shuffle=False)
-        self.bytes_per_token = completion_bytes / max(1, completion_tokens)
-        self.rows = len(rows)
+        self.sequences = len(rows)
+        targets = int((rows[:, 1:] >= 0).sum())
+        self.bytes_per_token = scored_bytes / targets
 
 
-def prepare_sft(cfg, tokenizer, eos: int) -> tuple[PackedStream, PackedValSet | None]:
-    """The training stream and the validation set of cfg.sft, tokenized and packed."""
+def prepare_sft(cfg, tokenizer, eos: int, note=print) -> tuple[PackedStream, PackedValSet | None]:
+    """The training stream and the validation set of cfg.sft, tokenized and packed; `note` hears how many
+    completions the window cuts."""
     s = cfg.sft
     fields = (s.prompt_field, s.completion_field, s.messages_field)
     train = read_examples(Path(s.train_file), *fields)
@@ -122,21 +136,33 @@ def prepare_sft(cfg, tokenizer, eos: int) -> tuple[PackedStream, PackedValSet | 
     if not s.val_file and s.val_fraction > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(train))
         n_val = max(1, int(round(s.val_fraction * len(train))))
+        if n_val >= len(train):
+            raise DataError(f"{s.train_file}: {len(train)} example(s); sft.val_fraction = {s.val_fraction} holds "
+                            "out all of them for validation: add examples, name sft.val_file, or set "
+                            "sft.val_fraction = 0")
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
 
-    def encoded(pairs):
+    def encoded(pairs, path):
         try:
             return [(tokenizer.encode(p), tokenizer.encode(c)) for p, c in pairs]
         except DataError as e:  # e.g. a character the char vocabulary lacks
-            raise DataError(f"{s.train_file}: {e}") from None
+            raise DataError(f"{path}: {e}") from None
 
-    block = cfg.model.block_size
-    stream = PackedStream(pack(encoded(train), block, eos), cfg.train.seed)
+    width = cfg.model.block_size + 1
+    train_ids = encoded(train, s.train_file)
+    cut = sum(fit(p, c, width, eos)[1] for p, c in train_ids)
+    if cut:
+        note(f"note: {cut} of {len(train_ids)} training completions are longer than model.block_size - 1 = "
+             f"{width - 2} tokens: each keeps its first {width - 1} tokens and is trained without its ending "
+             "and EOS")
+    stream = PackedStream(pack(train_ids, cfg.model.block_size, eos), cfg.train.seed)
     if not val:
         return stream, None
-    val_ids = encoded(val)
-    rows = pack(val_ids, block, eos)
-    completion_bytes = sum(len(c.encode("utf-8")) for _, c in val)
-    return stream, PackedValSet(rows, completion_bytes, sum(len(c) for _, c in val_ids))
-
+    val_ids = encoded(val, s.val_file or s.train_file)
+    scored_bytes = 0
+    for p, c in val_ids:
+        ids, was_cut = fit(p, c, width, eos)
+        kept = [t for t in ids if t >= 0][:len(ids) if was_cut else -1]  # the completion without its EOS
+        scored_bytes += len(tokenizer.decode(kept).encode("utf-8"))
+    return stream, PackedValSet(pack(val_ids, cfg.model.block_size, eos), scored_bytes)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep import DataError, TokenReader, load_tokenizer
+from data_prep.fileio import atomic_write_bytes
 from lm import checkpoint, plan
 from lm.config import Config, ConfigError, parse_sources, to_toml
 from lm.augment import Augmenter, parse_augment
@@ -81,7 +82,8 @@ class Trainer:
         val_sets = validation_sets(cfg, self.sources, dirs[0], old)
         self.sft = bool(cfg.sft.train_file)  # prompt/completion examples, packed, instead of the shards
         if self.sft:
-            self.train_stream, sft_val = prepare_sft(cfg, load_tokenizer(dirs[0]), int(train_reader.meta["eos_id"]))
+            self.train_stream, sft_val = prepare_sft(cfg, load_tokenizer(dirs[0]), int(train_reader.meta["eos_id"]),
+                                                      note=self._print)
             val_sets = [sft_val] if sft_val else []
         self.evaluator = Evaluator(val_sets, cfg, self.world, self.device, self._autocast)
 
@@ -200,11 +202,17 @@ class Trainer:
             if self.cfg.init.from_:
                 self._initial_weights()
                 self._print(f"initialized weights from {self.cfg.init.from_}")
-        if self.world.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if ckpt else None,
-                                  enabled=self.world.main)
+        error = None
+        try:  # rank 0 writes the run directory; every rank learns whether it could
+            if self.world.main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(self.run_dir / "config.toml", to_toml(self.cfg).encode())
+            self.metrics = MetricsLog(self.run_dir, self.cfg, resume_step=self.step if ckpt else None,
+                                      enabled=self.world.main)
+        except OSError as e:
+            error = (f"train.out_dir = {self.run_dir}: cannot write there ({e.strerror or e}); a run writes its "
+                     "config, metrics and checkpoints to it: choose a writable directory")
+        checkpoint.raise_if_any(error)
         return ckpt is not None
 
     def _keep_global_batch(self, ckpt: Path):
@@ -245,7 +253,7 @@ class Trainer:
             self.samples = info["samples"]
         self.stability.load_state_dict(info)
         self.evaluator.start = info.get("val_start", {})
-        self.evaluator.last_loss = info["val_loss"]
+        self.evaluator.last_loss, self.evaluator.last_step = info["val_loss"], info.get("val_step")
         self.schedule.load_state_dict(info["schedule"])
 
     def _print(self, text: str):
@@ -343,7 +351,7 @@ class Trainer:
     def save(self, train_loss: float) -> Path:
         info = {"samples": self.samples, "world_size": self.world.size, **self.stability.state_dict(),
                 "schedule": self.schedule.state_dict(), "train_loss": train_loss,
-                "val_loss": self.evaluator.last_loss, "params": self.num_params, "val_start": self.evaluator.start,
+                "val_loss": self.evaluator.last_loss, "val_step": self.evaluator.last_step, "params": self.num_params, "val_start": self.evaluator.start,
                 **self._extra_info()}
         return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
                                self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
@@ -423,7 +431,8 @@ class Trainer:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         val = self.evaluator.last_loss
-        return {"step": self.step, "train_loss": loss, "val_loss": val, "skipped": self.stability.skipped,
+        return {"step": self.step, "train_loss": loss, "val_loss": val, "val_step": self.evaluator.last_step,
+                "skipped": self.stability.skipped,
                 "val_bpb": None if val is None or not self.evaluator.sets else
                 val / math.log(2) / self.evaluator.sets[0].bytes_per_token}
 
