@@ -150,7 +150,10 @@ def ensure_prepared(cfg: DataConfig, show_progress: bool = True) -> Path:
     if not inputs:
         raise DataError(f"{out}: no prepared data (meta.json) and data.inputs and data.url are empty; run "
                         f"`python -m data_prep prepare INPUT --out {out}` or set data.inputs")
-    print(f"preparing {out} from {', '.join(inputs)} ({cfg.tokenizer} tokenizer)", flush=True)
+    # A relative data.dir is read from the current directory: say where, so a run started from another
+    # directory does not prepare a second copy of the data unnoticed.
+    where = "" if out.is_absolute() else f" (data.dir is relative: {out.resolve()}, under the current directory)"
+    print(f"preparing {out} from {', '.join(inputs)} ({cfg.tokenizer} tokenizer){where}", flush=True)
     prepare(inputs, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
             exclude=cfg.exclude, text_field=cfg.text_field, show_progress=show_progress)
     return out

@@ -45,7 +45,15 @@ def validation_sets(cfg: Config, sources: list[tuple[str, float, str]], data_dir
         named = [("new", str(data_dir)), ("replay", old_data)]
     sets = []
     for name, directory in named or [("", str(data_dir))]:
-        if "val" not in TokenReader(directory, "train").meta["splits"]:
+        try:
+            meta = TokenReader(directory, "train").meta
+        except DataError as e:
+            if not cfg.data.val_sets:
+                raise
+            raise DataError(f"data.val_sets: '{name}:{directory}': {e} (data.val_sets names its directories "
+                            f"apart from data.dir = {cfg.data.dir}: override it too, e.g. "
+                            f"'data.val_sets=[\"new:{cfg.data.dir}\", ...]', or set it to [])") from None
+        if "val" not in meta["splits"]:
             if named:
                 raise DataError(f"{directory}: has no val split for validation set '{name}'")
             continue
