@@ -43,6 +43,7 @@ from lm import checkpoint
 from lm.checkpoint import CheckpointError
 from lm.config import Config, ConfigError, ModelConfig, head_size, load_config, mlp_hidden_size
 from lm.model import GPT
+from lm.prune import MASKS_FILE
 
 DEPTH_METHODS = ("zero", "stack")
 RECORD = "grow.json"
@@ -244,8 +245,7 @@ def _load_model(ckpt: Path, cfg: Config) -> GPT:
 
 def grown_run_config(cfg: Config, new_model: ModelConfig, out: Path) -> Config:
     """The source run's config with the grown shape, starting from OUT, training into a new directory."""
-    new = dataclasses.replace(cfg, model=dataclasses.replace(new_model, attention=cfg.model.attention,
-                                                             layernorm=cfg.model.layernorm))
+    new = dataclasses.replace(cfg, model=new_model)
     new.init = dataclasses.replace(cfg.init, from_=str(out), optimizer=False)
     new.train = dataclasses.replace(cfg.train, out_dir=f"{out}-continued")
     return new
@@ -307,8 +307,15 @@ def grow(source: str, out: Path, spec: GrowSpec, force: bool = False) -> dict:
     sources = block_sources(old_blocks, new_model.n_layer // new_model.share_layers, spec.depth, spec.where)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: exists; choose another output directory or pass --force to replace it")
+    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
+        raise CheckpointError(f"{out}: holds the checkpoint being grown ({ckpt}); write the grown run elsewhere")
     model = _load_model(ckpt, cfg)
-    grown = grow_model(model, new_model, sources, spec.noise_snr_db, spec.seed)
+    if (ckpt / MASKS_FILE).is_file():
+        print(f"note: {ckpt / MASKS_FILE} (pruning masks) is not carried over: the grown model's shape differs, "
+              "and every weight of it trains", file=sys.stderr)
+    # built with the kernels that run here (as the source was loaded); the config keeps the run's choice
+    grown = grow_model(model, dataclasses.replace(new_model, attention=model.cfg.attention,
+                                                  layernorm=model.cfg.layernorm), sources, spec.noise_snr_db, spec.seed)
     run_cfg = grown_run_config(cfg, new_model, out)
     record = {"source": str(ckpt), "depth": spec.depth, "blocks": sources,
               "function_preserving": spec.depth == "zero" or old_blocks == len(sources),
