@@ -64,7 +64,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 def encoders(tok: BPETokenizer, texts: list[str], repeat: int) -> dict:
-    pieces = [p for t in texts for p in split_for_encoding(t, SEGMENT_CHARS)]
+    pieces = [p for t in texts for p in split_for_encoding(t, SEGMENT_CHARS, tok.cut_at)]
     fast = tok.fast_encode()
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     hf_s = best_of(lambda: tok._tok.encode_batch_fast(pieces, add_special_tokens=False), repeat)

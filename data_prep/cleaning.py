@@ -41,14 +41,11 @@ class Cleaner:
 
     def clean(self, text: str, source: str) -> str | None:
         cfg = self.config
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                # A lone surrogate (JSON's "\ud800" escape) is no character: it has no UTF-8 bytes and the
-                # encoders refuse it. Always replaced, even with cleaning off.
-                text = _SURROGATE.sub("\ufffd", text)
-                self.modified.add("lone_surrogates_replaced", source)
+        if not text.isascii() and _SURROGATE.search(text):  # searched, not encoded: no copy of a huge text
+            # A lone surrogate (JSON's "\ud800" escape) is no character: it has no UTF-8 bytes and the
+            # encoders refuse it. Always replaced, even with cleaning off.
+            text = _SURROGATE.sub("\ufffd", text)
+            self.modified.add("lone_surrogates_replaced", source)
         if cfg.normalize and not unicodedata.is_normalized(cfg.normalize, text):
             text = unicodedata.normalize(cfg.normalize, text)
             self.modified.add("unicode_normalized", source)

@@ -29,9 +29,32 @@ _ASCII_SPACE = np.zeros(256, dtype=bool)
 _ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
 
 
+HASH_PIECE_CHARS = 1 << 18  # huge documents are hashed in pieces of about this many characters: bounded memory
+_ASCII_SPACES = "\t\n\x0b\x0c\r "
+
+
+def text_pieces(text: str, size: int | None = None):
+    """`text` in consecutive slices of `size` characters (HASH_PIECE_CHARS), for hashing it without a copy."""
+    size = size or HASH_PIECE_CHARS
+    for start in range(0, len(text), size):
+        yield text[start:start + size]
+
+
 def exact_key(text: str) -> bytes:
-    """16-byte digest of the text with whitespace runs collapsed (so trailing newlines do not hide a copy)."""
-    return hashlib.blake2b(" ".join(text.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """16-byte digest of the text with whitespace runs collapsed (so trailing newlines do not hide a copy):
+    blake2b(" ".join(text.split())), computed piece by piece (a huge text's words never exist at once)."""
+    h = hashlib.blake2b(digest_size=16)
+    wrote = in_word = False  # a word was hashed; the last piece ended inside a word
+    for piece in text_pieces(text):
+        words = piece.split()
+        if words:
+            if in_word and not piece[0].isspace():  # the word goes on from the last piece
+                h.update(words.pop(0).encode("utf-8", "surrogatepass"))
+            if words:
+                h.update(((" " if wrote else "") + " ".join(words)).encode("utf-8", "surrogatepass"))
+            wrote = True
+        in_word = not piece[-1].isspace()
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -72,7 +95,26 @@ class MinHasher:
 
     def word_hashes(self, text: str) -> np.ndarray:
         """uint64 hash of every whitespace-separated word (ASCII whitespace; case-sensitive)."""
-        data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        return np.concatenate([self._word_hashes(data) for data in self._pieces(text)] or [np.zeros(0, np.uint64)])
+
+    @staticmethod
+    def _pieces(text: str):
+        """UTF-8 bytes of `text` in pieces of about HASH_PIECE_CHARS characters, each cut after ASCII whitespace
+        (so no word spans two; one word longer than a piece stays whole)."""
+        n, pos = len(text), 0
+        while pos < n:
+            end = pos + HASH_PIECE_CHARS
+            if end < n:
+                cut = max(text.rfind(c, pos, end) for c in _ASCII_SPACES)
+                if cut < pos:  # no space in this stretch: the word ends at the next one
+                    found = [i for i in (text.find(c, end) for c in _ASCII_SPACES) if i >= 0]
+                    cut = min(found) if found else n - 1
+                end = cut + 1
+            yield text[pos:end].encode("utf-8", "surrogatepass")
+            pos = end
+
+    def _word_hashes(self, raw: bytes) -> np.ndarray:
+        data = np.frombuffer(raw, dtype=np.uint8)
         word = ~_ASCII_SPACE[data]
         edges = np.diff(word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
@@ -84,18 +126,29 @@ class MinHasher:
             h = ((prefix[ends] - prefix[starts]) * ipw[starts]).astype(np.uint64)
             return mix64(h | ((ends - starts).astype(np.uint64) << _U64(32)))
 
-    def _shingle_hashes(self, text: str) -> np.ndarray:
-        """uint64 hash of every n-word shingle (a short document is one shingle of all its words)."""
-        words = self.word_hashes(text)
+    def _shingle_pieces(self, text: str):
+        """uint64 hashes of every n-word shingle, piece by piece (a short document is one shingle of all its
+        words); the last n - 1 words of a piece start the next one's shingles."""
         n = self.config.ngram
+        carry, full = np.zeros(0, dtype=np.uint64), False
         with np.errstate(over="ignore"):
-            if words.size < n:
-                acc = np.array([np.sum(words * self._gram[:words.size], dtype=np.uint64)]) if words.size else words
-            else:
+            for data in self._pieces(text):
+                words = self._word_hashes(data)
+                if carry.size:
+                    words = np.concatenate([carry, words])
+                if words.size < n:
+                    carry = words
+                    continue
                 acc = np.zeros(words.size - n + 1, dtype=np.uint64)
                 for j in range(n):
                     acc += words[j:words.size - n + 1 + j] * self._gram[j]
-            return mix64(acc ^ self._salt)
+                yield mix64(acc ^ self._salt)
+                full, carry = True, words[words.size - n + 1:]
+            if not full and carry.size:
+                yield mix64(np.array([np.sum(carry * self._gram[:carry.size], dtype=np.uint64)]) ^ self._salt)
+
+    def _shingle_hashes(self, text: str) -> np.ndarray:
+        return np.concatenate([*self._shingle_pieces(text), np.zeros(0, dtype=np.uint64)])
 
     def shingles(self, text: str) -> np.ndarray:
         """uint32 hash of every n-word shingle."""
@@ -108,16 +161,18 @@ class MinHasher:
         the bin's minimum (Li, Owen & Zhang 2012). Bins no shingle fell into borrow the value of the next
         filled bin to their right, offset by the distance (rotation densification, Shrivastava & Li 2014),
         so two documents' signatures agree in a bin with probability ~ their Jaccard similarity, as with
-        num_perm independent permutations, at ~1/num_perm of the cost.
+        num_perm independent permutations, at ~1/num_perm of the cost. Shingles are taken piece by piece:
+        memory stays bounded for a huge document.
         """
-        h = self._shingle_hashes(text)
-        if h.size == 0:
-            return None
         k = self.config.num_perm
-        bins = (((h >> _U64(32)) * _U64(k)) >> _U64(32)).astype(np.intp)
         sig = np.full(k, np.iinfo(np.uint32).max, dtype=np.uint32)
-        np.minimum.at(sig, bins, (h & _U64(0xFFFFFFFF)).astype(np.uint32))
-        filled = np.bincount(bins, minlength=k) > 0
+        filled = np.zeros(k, dtype=bool)
+        for h in self._shingle_pieces(text):
+            bins = (((h >> _U64(32)) * _U64(k)) >> _U64(32)).astype(np.intp)
+            np.minimum.at(sig, bins, (h & _U64(0xFFFFFFFF)).astype(np.uint32))
+            filled[bins] = True
+        if not filled.any():
+            return None
         if not filled.all():
             idx = np.flatnonzero(filled)
             right = idx[np.searchsorted(idx, np.arange(k)) % idx.size]  # next filled bin, circularly

@@ -48,10 +48,13 @@ def read_text(path: Path, comp: str, skipped: Tally) -> Iterator[tuple[str, str]
     with open_stream(path, comp) as f:
         data = f.read()
     try:
-        yield data.decode("utf-8"), str(path)
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         # NUL bytes are legal UTF-8 text; only NULs *and* undecodable bytes mean "binary".
         skipped.add("binary_file" if b"\x00" in data[:_SNIFF_BYTES] else "invalid_utf8", str(path))
+        return
+    del data  # not held while the text is used: a huge file would count twice
+    yield text, str(path)
 
 
 def read_jsonl(path: Path, comp: str, text_field: str, skipped: Tally, strict: bool) -> Iterator[tuple[str, str]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cleaning import Cleaner
-from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key
+from .dedup import LSHIndex, MinHashConfig, MinHasher, exact_key, text_pieces
 from .errors import DataError
 from .keyindex import KeyIndex
 from .sources import Document
@@ -32,7 +32,10 @@ LEAKAGE_MODES = ("remove", "flag", "off")
 
 def val_score(seed: int, doc: Document) -> float:
     """Uniform [0, 1) value fixed by (seed, source, text): the split does not depend on input order."""
-    text_hash = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).hexdigest()
+    h = hashlib.sha256()
+    for piece in text_pieces(doc.text):  # a huge text is not encoded at once
+        h.update(piece.encode("utf-8", "surrogatepass"))
+    text_hash = h.hexdigest()
     key = f"{seed}\0{doc.source}\0{text_hash}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
@@ -63,8 +66,10 @@ class TokenizerSample:
         self.chars = 0
 
     def offer(self, ordinal: int, text: str) -> None:
-        key = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(self.seed).encode()).digest()
-        k = int.from_bytes(key, "big")
+        h = hashlib.blake2b(digest_size=8, key=str(self.seed).encode())
+        for piece in text_pieces(text):
+            h.update(piece.encode("utf-8"))
+        k = int.from_bytes(h.digest(), "big")
         if k in self._held:
             return
         if self.budget is not None and len(text) > self.budget:

@@ -79,6 +79,7 @@ class ShardWriter:
         self.shards: list[dict] = list(shards or [])
         self._file = None
         self._closed = False
+        self._in_document = False  # a document's first pieces are written, not yet its end
 
     def _open_shard(self) -> None:
         name = f"{self.stem}_{len(self.shards):05d}"
@@ -106,10 +107,14 @@ class ShardWriter:
         })
         self._file = None
 
-    def add_document(self, token_ids) -> None:
+    def add_document(self, token_ids, end: bool = True) -> None:
+        """Append a document's ids and its EOS; `end=False`: only a piece of it, the rest follows in the next
+        calls (a huge document is written as it is encoded, never held whole)."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        ids = np.asarray(token_ids, dtype=np.int64)
+        ids = np.asarray(token_ids)
+        if ids.dtype.kind not in "iu":
+            ids = ids.astype(np.int64)  # an empty list comes as float64
         if ids.ndim != 1:
             raise DataError(f"{self.split}: a document must be a flat sequence of token ids, got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() > self.max_id):
@@ -117,14 +122,18 @@ class ShardWriter:
             raise DataError(f"{self.split}: token id {bad} does not fit {self.dtype.name}")
         if self._file is None:
             self._open_shard()
-        data = np.concatenate([ids.astype(self.dtype), self.eos]).tobytes()
+        if not self._in_document:
+            self._offsets.append(self._tokens)
+            self._in_document = True
+        data = (np.concatenate([ids.astype(self.dtype), self.eos]) if end else ids.astype(self.dtype)).tobytes()
         self._file.write(data)
         self._hash.update(data)
         self._crc.update(data)
-        self._offsets.append(self._tokens)
-        self._tokens += ids.size + 1
-        if self._tokens >= self.shard_tokens:
-            self._close_shard()
+        self._tokens += ids.size + int(end)
+        if end:
+            self._in_document = False
+            if self._tokens >= self.shard_tokens:
+                self._close_shard()
 
     def close(self) -> dict:
         """Finish the last shard and return {"tokens", "docs", "shards": [...]} for meta.json."""

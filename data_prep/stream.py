@@ -36,6 +36,7 @@ SEGMENT_CHARS = 1 << 16  # huge documents are encoded in line-aligned pieces of 
 FAIL_AFTER_ENV = "LMFORGE_PREPARE_FAIL_AFTER_SHARDS"  # test hook: simulate a kill after K new shards
 PENDING_TOKENS, PENDING_INDEX = "pending_val.bin", "pending_val.idx"  # not "val_*": those are val shards
 _INDEX = np.dtype("<i8")  # per pending val document: ordinal, tokens, UTF-8 bytes
+_VAL_PIECE_TOKENS = 1 << 22  # val documents are copied into shards in pieces of at most this many tokens
 
 
 def is_single_document(files: list[Path]) -> bool:
@@ -109,26 +110,30 @@ class EncodePass:
 
     def _chunks(self, documents, route: Callable) -> Iterator[tuple[list, list[str]]]:
         """(where, texts) chunks; where[k] = (split, ordinal, source, is the document's last piece)."""
-        splittable = self.tok.splits_at_lines
         bar = tqdm(desc="encode", unit="doc", disable=not self.show_progress)
         try:
-            yield from self._chunk_documents(documents, route, bar, splittable)
+            yield from self._chunk_documents(documents, route, bar, self.tok.cut_at)
         finally:
             bar.close()
 
-    def _chunk_documents(self, documents, route, bar, splittable):
+    def _chunk_documents(self, documents, route, bar, cut_at):
         texts, where, size = [], [], 0
         for ordinal, doc in enumerate(documents):
             bar.update()
-            for split, piece in route(ordinal, doc):
-                segments = split_for_encoding(piece, SEGMENT_CHARS) if splittable else [piece]
-                for k, seg in enumerate(segments):
+            parts, source = route(ordinal, doc), doc.source
+            del doc  # the parts hold the text now
+            for split, piece in parts:
+                segments = split_for_encoding(piece, SEGMENT_CHARS, cut_at) if cut_at is not None else iter([piece])
+                seg = next(segments)
+                while seg is not None:
+                    following = next(segments, None)  # one ahead: a piece must know whether it is the last
                     texts.append(seg)
-                    where.append((split, ordinal, doc.source, k == len(segments) - 1))
+                    where.append((split, ordinal, source, following is None))
                     size += len(seg)
                     if size >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:  # a huge document spans chunks
                         yield where, texts
                         texts, where, size = [], [], 0
+                    seg = following
         if texts:
             yield where, texts
 
@@ -145,8 +150,7 @@ class EncodePass:
                 source_failed.append(True)  # reading or planning failed, not an encoder
                 raise
 
-        partial: list[np.ndarray] = []  # ids of a document whose remaining pieces are still coming
-        nbytes = 0  # UTF-8 bytes of those pieces
+        nbytes = 0  # UTF-8 bytes of the pieces of the document being written
         due = None  # the ordinal a checkpoint waits for: every part of the one before it is written
         with ParallelEncoder(self.tok, self.tok_path, self.workers) as enc:
             results = enc.map(texts_of(chunks))
@@ -162,25 +166,26 @@ class EncodePass:
                 where, _ = queued.pop(0)
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
                 for k, (split, ordinal, _source, last) in enumerate(where):
-                    if due is not None and ordinal >= due:
+                    if due is not None and ordinal >= due:  # no document is part-written here
                         self._checkpoint(due)
                         due = None
                     nbytes += int(doc_bytes[k])
-                    partial.append(flat[offsets[k]:offsets[k + 1]])
-                    if not last:
-                        continue
-                    ids = partial[0] if len(partial) == 1 else np.concatenate(partial)
+                    ids = flat[offsets[k]:offsets[k + 1]]  # a piece goes out as it comes: memory stays bounded
                     if split == "val":
-                        self._add_pending(ordinal, ids, nbytes)
+                        self._add_pending(ids)
+                        if last:
+                            self._end_pending(ordinal, nbytes)
                     else:
-                        self.train_bytes += nbytes
                         before = len(self.train.shards)
-                        self.train.add_document(ids)
-                        if len(self.train.shards) > before:
-                            # A single document's val part comes after its train part: checkpoint once
-                            # the next document starts, so a resume never skips a part not yet written.
-                            due = ordinal + 1
-                    partial, nbytes = [], 0
+                        self.train.add_document(ids, end=last)
+                        if last:
+                            self.train_bytes += nbytes
+                            if len(self.train.shards) > before:
+                                # A single document's val part comes after its train part: checkpoint once
+                                # the next document starts, so a resume never skips a part not yet written.
+                                due = ordinal + 1
+                    if last:
+                        nbytes = 0
 
     # ---- val documents: pending until the plan is final ----------------------------------------------
 
@@ -194,15 +199,20 @@ class EncodePass:
             f.truncate(size)
             f.seek(size)
             self._pending.append(f)
-        self.pending_docs, self.pending_tokens = docs, tokens
+        self.pending_docs, self.pending_tokens, self._document_tokens = docs, tokens, 0
 
-    def _add_pending(self, ordinal: int, ids: np.ndarray, nbytes: int) -> None:
+    def _add_pending(self, ids: np.ndarray) -> None:
+        """Append a piece of a val document's ids (its index row comes with its last piece: _end_pending)."""
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
             raise DataError(f"val: token id {int(ids.max())} does not fit {self.dtype.name}")
         self._pending[0].write(ids.astype(self.dtype).tobytes())
-        self._pending[1].write(np.array([ordinal, ids.size, nbytes], dtype=_INDEX).tobytes())
+        self._document_tokens += ids.size
+
+    def _end_pending(self, ordinal: int, nbytes: int) -> None:
+        self._pending[1].write(np.array([ordinal, self._document_tokens, nbytes], dtype=_INDEX).tobytes())
         self.pending_docs += 1
-        self.pending_tokens += ids.size
+        self.pending_tokens += self._document_tokens
+        self._document_tokens = 0
 
     def _close_pending(self) -> None:
         for f in getattr(self, "_pending", []):
@@ -221,10 +231,16 @@ class EncodePass:
             # read, not memory-mapped: mapped pages count in RSS (val tokens: ~5% of the corpus bytes)
             with open(self.work.path / PENDING_TOKENS, "rb") as tokens:
                 for ordinal, n, b in index.tolist():
-                    ids = np.fromfile(tokens, dtype=self.dtype, count=n)
-                    if keep(ordinal):
-                        writer.add_document(ids)
-                        nbytes += b
+                    if not keep(ordinal):
+                        tokens.seek(n * self.dtype.itemsize, os.SEEK_CUR)
+                        continue
+                    while True:  # in pieces: a huge val document is never held whole
+                        ids = np.fromfile(tokens, dtype=self.dtype, count=min(n, _VAL_PIECE_TOKENS))
+                        n -= ids.size
+                        writer.add_document(ids, end=n == 0)
+                        if n == 0:
+                            break
+                    nbytes += b
             entry = writer.close()
         except BaseException:
             writer.abort()

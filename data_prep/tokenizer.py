@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
@@ -32,9 +32,10 @@ class Tokenizer(abc.ABC):
     file_name: str
     # True when encoding runs outside the GIL (Rust, C++), so threads of one process encode in parallel.
     releases_gil: bool = False
-    # True when encoding a text cut after a "\n" between non-space characters gives the same ids
-    # as encoding it whole, so huge documents can be encoded in pieces (in parallel, bounded memory).
-    splits_at_lines: bool = False
+    # Where a text can be cut so that encoding the pieces gives the ids of encoding it whole (a regex whose
+    # matches end at such places), so huge documents are encoded in pieces (in parallel, bounded memory).
+    # None: encoded whole.
+    cut_at: re.Pattern | None = None
 
     @property
     @abc.abstractmethod
@@ -70,7 +71,7 @@ class Tokenizer(abc.ABC):
 class CharTokenizer(Tokenizer):
     kind = "char"
     file_name = "chars.json"
-    splits_at_lines = True
+    cut_at = re.compile(r"(?s).")  # anywhere
 
     def __init__(self, chars: Sequence[str]):
         self.chars = list(chars)
@@ -149,7 +150,10 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
     file_name = "tokenizer.json"
-    splits_at_lines = True  # the byte-level pre-tokenizer already isolates such a "\n"; merges stay inside
+    # After a "\n" between non-space characters, or before a single space between them: the GPT-2
+    # pre-tokenizer (fast_bpe.GPT2_PATTERN) ends a pre-token there whatever follows, and merges stay inside
+    # pre-tokens. Python's \S is narrower than the pattern's (it calls \x1c-\x1f space too): never wrong.
+    cut_at = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= \S)")
     releases_gil = True
 
     def __init__(self, hf_tokenizer):
@@ -235,26 +239,17 @@ class BPETokenizer(Tokenizer):
         return atomic_write_bytes(Path(directory) / self.file_name, self._tok.to_str().encode("utf-8"))
 
 
-_LINE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
-
-
-def split_for_encoding(text: str, max_chars: int) -> list[str]:
-    """Cut `text` after newlines between two non-space characters into pieces of about max_chars.
-
-    Byte-level BPE pre-tokenizes such a "\n" alone on both sides of the cut, so the ids are unchanged
-    (a space before the "\n" would join it at the end of a piece: hence the lookbehind).
-    """
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+def split_for_encoding(text: str, max_chars: int, cut_at: re.Pattern) -> Iterator[str]:
+    """`text` in pieces of about max_chars, each ending where a match of `cut_at` ends (see Tokenizer.cut_at);
+    a stretch without such a place stays whole. A generator: a huge text is not copied at once."""
+    start = 0
     while len(text) - start > max_chars:
-        m = _LINE_CUT.search(text, start + max_chars)
+        m = cut_at.search(text, start + max_chars)
         if m is None:
             break
-        pieces.append(text[start:m.end()])
+        yield text[start:m.end()]
         start = m.end()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def tokenizer_classes() -> dict[str, type[Tokenizer]]:

@@ -225,3 +225,92 @@ def test_a_symlink_loop_in_a_directory_or_under_a_glob_is_not_followed_forever(t
                      "--tokenizer", "char", "--val-fraction", "0", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- huge documents: bounded memory
+
+def _line_of_words(rng, n):
+    return " ".join(rng.choice(["alpha", "beta", "gamma,", "d3lta", "é", "中文", "x", "'s", "42"]) for _ in range(n))
+
+
+def test_hashing_a_text_in_tiny_pieces_equals_hashing_it_whole(monkeypatch):
+    import hashlib
+    import random
+
+    import data_prep.dedup as dedup
+    from data_prep.plan import val_score
+    from data_prep.sources import Document
+    rng = random.Random(1)
+    pieces = ["ab", "c", " ", "  ", "\n", "\t", "\x0b", "\u3000", "é中", "\x1c", "\ud800"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 120))) for _ in range(150)]
+    whole = [(dedup.MinHasher().signature(t), val_score(7, Document(t, "s"))) for t in texts]
+    for size in (1, 2, 5, 33):
+        monkeypatch.setattr(dedup, "HASH_PIECE_CHARS", size)
+        for t, (sig, score) in zip(texts, whole):
+            reference = hashlib.blake2b(" ".join(t.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            assert dedup.exact_key(t) == reference, (t, size)
+            got = dedup.MinHasher().signature(t)
+            assert (got is None and sig is None) or np.array_equal(got, sig), (t, size)
+            assert val_score(7, Document(t, "s")) == score
+
+
+def test_a_one_line_document_encoded_in_tiny_pieces_gives_the_ids_of_encoding_it_whole(small_src, tmp_path, monkeypatch):
+    import random
+
+    import data_prep.stream as stream
+    from data_prep import TokenReader, load_tokenizer
+    from data_prep.tokenizer import split_for_encoding
+    src, tok_dir = small_src
+    tok = load_tokenizer(tok_dir)
+    rng = random.Random(2)
+    line = _line_of_words(rng, 3000) + "  two  spaces " + _line_of_words(rng, 200)
+    pieces = list(split_for_encoding(line, 50, tok.cut_at))
+    assert len(pieces) > 100 and "".join(pieces) == line  # a line is cut (at single spaces), nothing lost
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(line)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(src, corpus)
+    (corpus / "zz_one_line.txt").write_text(line)
+    monkeypatch.setattr(stream, "SEGMENT_CHARS", 50)
+    monkeypatch.setattr(stream, "CHUNK_CHARS", 300)  # the document spans many encode chunks
+    prepare([str(corpus)], tmp_path / "out", tokenizer_dir=tok_dir, val_fraction=0.0, show_progress=False)
+    reader = TokenReader(tmp_path / "out", "train")
+    docs = [reader.document(i).tolist() for i in range(reader.num_docs)]
+    assert tok.encode(line) in docs
+
+
+def _peak_rss_of_prepare(tmp_path, mb, tok_dir):
+    """Peak RSS (VmHWM) of a prepare of one `mb` MB single-line document beside two small ones, and the
+    peak of the same process before it reads anything."""
+    import random
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(4)
+    words = [_line_of_words(rng, 2000) for _ in range(50)]
+    with open(src / "big.txt", "w") as f:
+        written = 0
+        while written < mb << 20:
+            chunk = " ".join(rng.choice(words) for _ in range(20)) + " "
+            f.write(chunk)
+            written += len(chunk)
+    (src / "a.txt").write_text(words[0])
+    (src / "b.txt").write_text(words[1])
+    script = f"""
+import data_prep.prepare, data_prep.tasks, tokenizers, tiktoken
+from data_prep.prepare import prepare
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) // 1024
+base = hwm()
+prepare([{str(src)!r}], {str(tmp_path / 'out')!r}, tokenizer_dir={str(tok_dir)!r}, show_progress=False)
+print(base, hwm())
+"""
+    result = run_cli("-c", script, timeout=600)
+    assert result.returncode == 0, result.stderr
+    base, peak = map(int, result.stdout.split())
+    return base, peak
+
+
+def test_a_huge_one_line_document_takes_memory_of_a_few_copies_of_itself(small_src, tmp_path):
+    """Before: ~23 bytes per byte of the line (its words as Python strings, whole-text MinHash arrays, one
+    list of Python ints for its tokens); now the text, a cleaned copy at most, and bounded pieces."""
+    base, peak = _peak_rss_of_prepare(tmp_path, 12, small_src[1])
+    assert peak - base < 30 + 4 * 12, f"{peak - base} MB over the base {base} MB for a 12 MB line"
