@@ -108,10 +108,26 @@ def test_every_new_weight_gets_a_gradient_and_cloned_units_diverge():
         optimizer.step()
     missing = {name: int((~r).sum()) for name, r in reached.items() if not r.all()}
     assert not missing, f"elements that never got a gradient: {missing}"
-    # the two copies of each hidden unit no longer hold the same weights: the widening added capacity
-    fc = big.transformer.h[0].mlp.up_proj.weight
-    half = fc.shape[1] // 2
-    assert (fc[:, :half] - fc[:, half:]).abs().max() > 1e-4
+    # the two copies of the hidden vector, equal at the start, now compute different things: the
+    # widening added capacity (test_without_noise_cloned_units_stay_copies: without noise they would not)
+    assert copies_differ(big, idx) > 1e-3
+
+
+def copies_differ(model: GPT, idx) -> float:
+    """Largest difference between the two halves of the residual stream after the first block."""
+    seen = {}
+    hook = model.transformer.h[0].register_forward_hook(lambda m, i, out: seen.update(x=out))
+    with torch.no_grad():
+        model(idx)
+    hook.remove()
+    half = seen["x"].shape[-1] // 2
+    return (seen["x"][..., :half] - seen["x"][..., half:]).abs().max().item()
+
+
+def test_cloned_halves_start_equal():
+    cfg = BLOCKS["llama_gqa"]
+    big = grown(trained_like(cfg), spec_for(cfg, width=2))
+    assert copies_differ(big, torch.randint(0, cfg.vocab_size, (2, cfg.block_size))) <= 1e-5
 
 
 def test_without_noise_cloned_units_stay_copies():
@@ -126,6 +142,7 @@ def test_without_noise_cloned_units_stay_copies():
         optimizer.step()
     w = big.transformer.h[0].mlp.c_fc.weight  # rows: MLP units cloned in blocks
     assert torch.allclose(w[: w.shape[0] // 2], w[w.shape[0] // 2:], atol=1e-6)
+    assert copies_differ(big, idx) <= 1e-5
 
 
 @pytest.mark.parametrize("spec, fragment", [
