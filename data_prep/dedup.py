@@ -209,18 +209,15 @@ class LSHIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def band_keys(self, sig: np.ndarray) -> list[int]:
+    def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """One 64-bit key per band: documents sharing a band's key are candidates."""
-        return self._band_keys(sig).tolist()
-
-    def _band_keys(self, sig: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
             rows = sig.reshape(self.config.bands, self.config.rows).astype(np.uint64)
             return (rows * self._band_mult).sum(axis=1, dtype=np.uint64)
 
     def _buckets_of(self, sig: np.ndarray) -> tuple[list[int], list[list[int]]]:
         """Each band's index key and the rows its bucket holds."""
-        keys = (self._band_keys(sig) ^ self._band_salt).tolist()
+        keys = (self.band_keys(sig) ^ self._band_salt).tolist()
         return keys, self._buckets.lookup(keys)
 
     def _similar(self, sig: np.ndarray, held: list[list[int]]) -> list[int]:

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -152,43 +153,50 @@ class Task:
         near = cfg["dedup"] == "near" or (cfg["leakage"] != "off" and cfg["val_fraction"] > 0)
         hasher, bands = (MinHasher(self.minhash), LSHIndex(self.minhash)) if near else (None, None)
         with open(self.path / "sigs.u32", "wb") as sigs:
-            docs, exact, band_rows = self._sign_documents(sigs, cleaner, stats, hasher, bands)
-        self._write_signs(docs, exact, band_rows, stats, cleaner)
-
-    def _sign_documents(self, sigs, cleaner, stats, hasher, bands):
-        cfg = self.config
-        vf, seed = cfg["val_fraction"], cfg["seed"]
-        docs, exact, band_rows = [], [], []
-        for local, order, doc in tqdm(self._documents(stats), desc=f"sign (task {self.task})", unit="doc",
-                                      disable=not self.show_progress):
-            text = cleaner.clean(doc.text, doc.source)
-            if text is None:
-                docs.append((order, DROP, 0))
-                sigs.write(bytes(4 * self.minhash.num_perm))
-                continue
-            side = TRAIN if vf == 0 or self.single else (VAL if val_score(seed, Document(text, doc.source)) < vf else TRAIN)
-            docs.append((order, side, len(text)))
-            key = exact_key(text)
-            exact.append((int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"), order, side,
-                          self.task, local))
-            sig = hasher.signature(text) if hasher is not None and not self.single else None
-            sigs.write((sig if sig is not None else np.zeros(self.minhash.num_perm, np.uint32)).tobytes())
-            if sig is not None:
-                for b, k in enumerate(bands.band_keys(sig)):
-                    band_rows.append((b, k, order, side, self.task, local))
-        return docs, exact, band_rows
-
-    def _write_signs(self, docs, exact, band_rows, stats, cleaner) -> None:
-        n = self.tasks
-        np.save(self.path / "docs.npy", np.array(docs, dtype=_DOCS))
-        exact_arr, band_arr = np.array(exact, dtype=_EXACT), np.array(band_rows, dtype=_BAND)
-        for k in range(n):
-            np.save(self.path / f"exact-to-{k:05d}.npy", exact_arr[exact_arr["hi"] % n == k])
-            np.save(self.path / f"bands-to-{k:05d}.npy", band_arr[_mix(band_arr["key"]) % np.uint64(n) == k])
+            docs = self._sign_documents(sigs, cleaner, stats, hasher, bands)
+        np.save(self.path / "docs.npy", docs)
         atomic_write_json(self.path / "sign.done", {
             "fingerprint": self.fp, "documents": len(docs), "files": stats.files, "bytes": stats.bytes,
             "skipped": stats.skipped.to_json(), "dropped": cleaner.dropped.to_json(),
             "modified": cleaner.modified.to_json()})
+
+    def _sign_documents(self, sigs, cleaner, stats, hasher, bands) -> np.ndarray:
+        """Sign my documents: signatures into `sigs`, exact and band keys straight into the files of the tasks
+        that own them (_RowSpill), and per document 17 bytes in typed arrays (the docs.npy rows, returned)."""
+        cfg = self.config
+        vf, seed = cfg["val_fraction"], cfg["seed"]
+        orders, sides, chars = array("q"), bytearray(), array("q")
+        n_bands = self.minhash.bands
+        exact = _RowSpill(self.path, "exact", _EXACT, self.tasks, lambda rows: rows["hi"] % np.uint64(self.tasks))
+        band_rows = _RowSpill(self.path, "bands", _BAND, self.tasks,
+                              lambda rows: _mix(rows["key"]) % np.uint64(self.tasks))
+        for local, order, doc in tqdm(self._documents(stats), desc=f"sign (task {self.task})", unit="doc",
+                                      disable=not self.show_progress):
+            text, source = cleaner.clean(doc.text, doc.source), doc.source
+            del doc  # a huge document: the cleaned text only
+            orders.append(order)
+            if text is None:
+                sides.append(DROP)
+                chars.append(0)
+                sigs.write(bytes(4 * self.minhash.num_perm))
+                continue
+            side = TRAIN if vf == 0 or self.single else (VAL if val_score(seed, Document(text, source)) < vf else TRAIN)
+            sides.append(side)
+            chars.append(len(text))
+            key = exact_key(text)
+            exact.add(hi=int.from_bytes(key[:8], "little"), lo=int.from_bytes(key[8:], "little"), order=order,
+                      side=side, task=self.task, index=local)
+            sig = hasher.signature(text) if hasher is not None and not self.single else None
+            sigs.write((sig if sig is not None else np.zeros(self.minhash.num_perm, np.uint32)).tobytes())
+            if sig is not None:
+                band_rows.add(n_bands, band=np.arange(n_bands), key=bands.band_keys(sig), order=order, side=side,
+                              task=self.task, index=local)
+        exact.close()
+        band_rows.close()
+        docs = np.zeros(len(orders), dtype=_DOCS)
+        docs["order"], docs["side"] = np.frombuffer(orders, dtype=np.int64), np.frombuffer(sides, dtype=np.uint8)
+        docs["chars"] = np.frombuffer(chars, dtype=np.int64)
+        return docs
 
     # ---- stage 2: match --------------------------------------------------------------------------------
 
@@ -201,7 +209,7 @@ class Task:
             if flag:
                 flags[task][index] = flags[task].get(index, 0) | flag
 
-        exact = np.concatenate([np.load(_task_dir(self.out, t) / f"exact-to-{k:05d}.npy") for t in range(n)])
+        exact = np.concatenate([_read_rows(_task_dir(self.out, t) / f"exact-to-{k:05d}.bin", _EXACT) for t in range(n)])
         exact.sort(order=["hi", "lo", "order"])
         starts = np.flatnonzero(np.r_[True, (exact["hi"][1:] != exact["hi"][:-1]) | (exact["lo"][1:] != exact["lo"][:-1])])
         for a, b in zip(starts, np.r_[starts[1:], len(exact)]):
@@ -217,7 +225,7 @@ class Task:
                 if side == VAL and has_train:
                     add(int(row["task"]), int(row["index"]), TRAIN_EXACT)
 
-        bands = np.concatenate([np.load(_task_dir(self.out, t) / f"bands-to-{k:05d}.npy") for t in range(n)])
+        bands = np.concatenate([_read_rows(_task_dir(self.out, t) / f"bands-to-{k:05d}.bin", _BAND) for t in range(n)])
         bands.sort(order=["band", "key", "order"])
         sigs = {t: np.memmap(_task_dir(self.out, t) / "sigs.u32", dtype=np.uint32, mode="r").reshape(-1, self.minhash.num_perm)
                 for t in range(n) if (_task_dir(self.out, t) / "sigs.u32").stat().st_size}
@@ -318,6 +326,45 @@ class Task:
                 print(f"task {self.task}: waiting for tasks {_ranges(missing)} to finish stage {stage}", file=sys.stderr)
                 told = True
             time.sleep(POLL_S)
+
+
+class _RowSpill:
+    """Rows of `dtype` for the tasks that own them (`owner(rows)` -> task numbers), gathered in a small buffer and
+    appended to `<kind>-to-KKKKK.bin` when it fills: the sign stage holds no rows per document."""
+
+    def __init__(self, directory: Path, kind: str, dtype: np.dtype, tasks: int, owner, buffer_rows: int = 1 << 16):
+        self.paths = [directory / f"{kind}-to-{k:05d}.bin" for k in range(tasks)]
+        for path in self.paths:  # a rerun of the stage starts them over
+            path.write_bytes(b"")
+        self.owner = owner
+        self.buffer = np.zeros(buffer_rows, dtype=dtype)
+        self.used = 0
+
+    def add(self, count: int = 1, **fields) -> None:
+        """`count` rows; each field a scalar (the same in every row) or `count` values."""
+        if self.used + count > len(self.buffer):
+            self.flush()
+        rows = self.buffer[self.used:self.used + count]
+        for name, value in fields.items():
+            rows[name] = value
+        self.used += count
+
+    def flush(self) -> None:
+        rows = self.buffer[:self.used]
+        owners = self.owner(rows)
+        for k in np.unique(owners).tolist():
+            with open(self.paths[k], "ab") as f:
+                f.write(rows[owners == k].tobytes())
+        self.used = 0
+
+    close = flush
+
+
+def _read_rows(path: Path, dtype: np.dtype) -> np.ndarray:
+    size = path.stat().st_size if path.is_file() else -1
+    if size < 0 or size % dtype.itemsize:
+        raise DataError(f"{path}: missing or cut short (rerun this task's sign stage: delete its sign.done)")
+    return np.fromfile(path, dtype=dtype)
 
 
 def _mix(keys: np.ndarray) -> np.ndarray:

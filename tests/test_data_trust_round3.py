@@ -314,3 +314,41 @@ def test_a_huge_one_line_document_takes_memory_of_a_few_copies_of_itself(small_s
     list of Python ints for its tokens); now the text, a cleaned copy at most, and bounded pieces."""
     base, peak = _peak_rss_of_prepare(tmp_path, 12, small_src[1])
     assert peak - base < 30 + 4 * 12, f"{peak - base} MB over the base {base} MB for a 12 MB line"
+
+
+# ---------------------------------------------------------------- multi-task sign stage: compact
+
+def test_the_sign_stage_holds_a_few_dozen_bytes_per_document(small_src, tmp_path, monkeypatch):
+    """What the sign stage keeps per document until it writes its files: ~2.2 KB of Python tuples before
+    (a docs, an exact and 14 band tuples), now a few typed arrays (planner-like, ~250 B or less)."""
+    import random
+    import tracemalloc
+
+    from data_prep.tasks import Task, tasks_root
+    rng = random.Random(9)
+    src = tmp_path / "src"
+    src.mkdir()
+    n = 6000
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": _words(rng, 12)}) + "\n" for _ in range(n)))
+    measured = []
+    original = Task._sign_documents
+
+    def measure(self, *args):
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        result = original(self, *args)
+        measured.append(tracemalloc.get_traced_memory()[0] - before)
+        tracemalloc.stop()
+        return result
+
+    monkeypatch.setattr(Task, "_sign_documents", measure)
+    for k in (0, 1):
+        prepare([str(src)], tmp_path / "out", tokenizer_dir=small_src[1], show_progress=False, tasks=2, task=k,
+                stage="sign")
+    per_document = max(measured) / n
+    print(f"sign stage: {per_document:.0f} bytes per document")
+    assert per_document < 250, f"{per_document:.0f} bytes per document"
+    for k in (0, 1):  # and the rows the sign stage wrote are those every task's match stage reads
+        prepare([str(src)], tmp_path / "out", tokenizer_dir=small_src[1], show_progress=False, tasks=2, task=k,
+                stage="match")
+    assert (tasks_root(tmp_path / "out") / "task-00000" / "match.done").is_file()
