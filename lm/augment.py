@@ -31,8 +31,12 @@ def parse_augment(specs: list[str]) -> list[tuple[str, float]]:
 
 
 class Augmenter:
-    def __init__(self, specs: list[tuple[str, float]], vocab_size: int, eos_id: int, seed: int):
+    def __init__(self, specs: list[tuple[str, float]], vocab_size: int, eos_id: int, seed: int,
+                 keep_documents: bool = False):
+        """`keep_documents`: the model masks documents at EOS (data.document_mask, [sft]), so no EOS is moved
+        or written and none is replaced: the documents the mask sees stay the data's."""
         self.specs, self.vocab_size, self.eos_id, self.seed = specs, vocab_size, eos_id, seed
+        self.keep_documents = keep_documents
 
     def __call__(self, x: torch.Tensor, first_sample: int) -> torch.Tensor:
         """An augmented copy of the inputs x (B, T) of the batch starting at global sample `first_sample`."""
@@ -41,14 +45,21 @@ class Augmenter:
         B, T = out.shape
         for kind, p in self.specs:
             hit = torch.rand(B, T, generator=g) < p
+            if self.keep_documents:
+                hit &= out != self.eos_id
             if kind == "swap":
                 hit[:, -1] = False  # the last position has no right neighbour
+                if self.keep_documents:
+                    hit[:, :-1] &= out[:, 1:] != self.eos_id  # never with an EOS on the right either
                 hit[:, 1:] &= ~hit[:, :-1]  # a token swaps at most once
                 left = out.clone()
                 out[:, :-1] = torch.where(hit[:, :-1], left[:, 1:], out[:, :-1])
                 out[:, 1:] = torch.where(hit[:, :-1], left[:, :-1], out[:, 1:])
             elif kind == "noise":
                 random_ids = torch.randint(0, self.vocab_size, (B, T), generator=g)
+                if self.keep_documents:  # the ids but EOS, uniformly: EOS's draw moves to the last id
+                    random_ids = torch.randint(0, self.vocab_size - 1, (B, T), generator=g)
+                    random_ids[random_ids == self.eos_id] = self.vocab_size - 1
                 out = torch.where(hit, random_ids, out)
             else:
                 out = out.masked_fill(hit, self.eos_id)

@@ -447,13 +447,22 @@ def _prune(run_dir: Path, step: int, keep_last: int, keep_every: int):
 def load_config(ckpt: Path) -> Config:
     path = ckpt / "config.toml"
     try:
-        return config_from_toml_text(path.read_text(), str(path))
+        cfg = config_from_toml_text(path.read_text(), str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; {ckpt} is not a complete checkpoint") from None
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path}: not a valid TOML config ({_first_line(e)})") from None
+    if (cfg.data.document_mask or cfg.sft.train_file) and cfg.model.document_eos < 0:
+        # saved before model.document_eos existed: the masks it trained with end documents at its EOS
+        from data_prep import DataError, load_tokenizer
+
+        try:
+            cfg.model.document_eos = int(load_tokenizer(ckpt).eos_id)
+        except DataError as e:
+            raise CheckpointError(f"{ckpt}: trained with document masks, and its tokenizer is unreadable ({e})") from None
+    return cfg
 
 
 def _count(value) -> bool:

@@ -80,6 +80,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
     head_dim: int = 0  # size of each attention head; 0: n_embd / n_head (structured head pruning makes it differ)
     share_layers: int = 1  # K > 1: each group of K consecutive blocks runs one set of weights (ALBERT)
+    # set by training, not by hand: the EOS id that ends each packed document when the model was trained
+    # with document masks (data.document_mask, [sft]); every consumer of the checkpoint masks the same way
+    document_eos: int = -1
     tie_embeddings: bool = True  # the output head is the token embedding; false: its own matrix (Llama 3 8B)
     norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm (HF Llama's rms_norm_eps; its default 1e-6)
 
@@ -495,6 +498,8 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         if getattr(m, key) < 1:
             bad(f"model.{key}", "must be >= 1")
+    if m.document_eos < -1 or (m.vocab_size and m.document_eos >= m.vocab_size):
+        bad("model.document_eos", f"= {m.document_eos} must be -1 (no document masks) or a token id")
     if m.vocab_size < 0:
         bad("model.vocab_size", "must be >= 0 (0 takes the tokenizer's size)")
     if m.loss_chunk < 0:
@@ -510,11 +515,9 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
     if m.rope_theta <= 1:
         bad("model.rope_theta", f"= {m.rope_theta} must be > 1")
     try:
-        kinds = [kind for kind, _ in parse_augment(cfg.data.augment)]
+        parse_augment(cfg.data.augment)
     except ValueError as e:
         bad("data.augment", str(e))
-    if "drop" in kinds and cfg.data.document_mask:
-        bad("data.augment", "'drop' writes EOS into the inputs, which data.document_mask reads as document ends")
     d = cfg.distill
     if d.temperature <= 0:
         bad("distill.temperature", f"= {d.temperature} must be > 0")
@@ -546,8 +549,6 @@ def validate(cfg: Config, where: str, origins: dict[str, str] | None = None):
         bad("model.norm_eps", f"= {m.norm_eps} must be in (0, 1)")
     if not 0.0 <= cfg.sft.val_fraction < 1.0:
         bad("sft.val_fraction", f"= {cfg.sft.val_fraction} must be in [0, 1)")
-    if cfg.sft.train_file and "drop" in kinds:
-        bad("data.augment", "'drop' writes EOS into the inputs, which sft.train_file's packing reads as example ends")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         bad("data.val_fraction", f"= {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.vocab_size < 2:
@@ -625,13 +626,6 @@ def _validate_classify(cfg: Config, bad):
     if t.checkpoint_interval and t.eval_interval % t.checkpoint_interval:
         bad("train.checkpoint_interval", "must divide train.eval_interval with train.task = 'classify': the best "
                                          "evaluation's checkpoint is kept")
-    pretraining = {"data.sources": cfg.data.sources, "data.val_sets": cfg.data.val_sets,
-                   "data.document_mask": cfg.data.document_mask, "data.augment": cfg.data.augment,
-                   "distill.teacher": cfg.distill.teacher, "continual.ewc_batches": cfg.continual.ewc_batches,
-                   "eval.tasks": cfg.eval.tasks, "sft.train_file": cfg.sft.train_file}
-    for key, value in pretraining.items():
-        if value:
-            bad(key, "applies to language modelling; it cannot be combined with train.task = 'classify'")
 
 
 def _toml_value(value) -> str:

@@ -35,7 +35,11 @@ def _teacher_tokenizer(source: str):
         path = Path(source[3:]) / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"distill.teacher {source}: has no tokenizer.json to compare with the student's")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception type on a damaged file
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a tokenizer ({why})") from None
         vocab = tok.get_vocab_size(with_added_tokens=True)
         return path, vocab, [tok.id_to_token(i) for i in range(vocab)]
     ckpt = checkpoint.resolve(source)
@@ -106,14 +110,3 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     log_p_teacher = F.log_softmax(t[keep] / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
-
-
-class Distiller:
-    def __init__(self, cfg: Config, student_tokenizer: Path, world, device: torch.device):
-        self.teacher = load_teacher(cfg, student_tokenizer, world, device)
-        self.temperature, self.alpha = cfg.distill.temperature, cfg.distill.alpha
-
-    def loss(self, student: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)[0]
-        return distillation_loss(student(x)[0], teacher_logits, y, self.temperature, self.alpha)

@@ -76,6 +76,14 @@ class Evaluator:
             raise ConfigError(f"eval.tasks: the tasks run at each validation, and this run has none (no val split "
                               f"in {cfg.data.dir}; data.val_fraction > 0 gives one)")
 
+    @property
+    def active(self) -> bool:
+        return bool(self.sets)
+
+    def bits_per_byte(self, loss: float) -> float | None:
+        """Of the first set."""
+        return bits_per_byte(loss, self.sets[0]) if self.sets else None
+
     @torch.no_grad()
     def loss(self, model, val: ValSet) -> float:
         """Mean loss per target token over the set's `eval_sequences` windows. Rank r scores a contiguous

@@ -103,9 +103,26 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
+def _document_starts(tokens: torch.Tensor, pad: torch.Tensor, eos: int) -> torch.Tensor:
+    """Per row, where the document of its last token starts: after the last EOS before it (an EOS belongs to
+    the document it ends), or at the row's padding."""
+    T = tokens.size(1)
+    ends = (tokens[:, :-1] == eos) & (torch.arange(T - 1, device=tokens.device) >= pad[:, None])
+    after = torch.where(ends, torch.arange(1, T, device=tokens.device), torch.zeros_like(tokens[:, :-1]))
+    return torch.maximum(pad, after.max(dim=1).values if T > 1 else pad)
+
+
 def _prefill(model: GPT, tokens: torch.Tensor, pad: torch.Tensor, dtype):
+    """The cache over `tokens` and each row's next-token logits. A model trained with document masks sees
+    what it saw in training: each row's last document alone (the earlier ones are hidden like padding, and
+    positions restart), and after a closing EOS the next token starts a document of its own."""
+    eos = model.document_eos
+    if eos is not None:
+        pad = _document_starts(tokens, pad, eos)
     cache = KVCache(model.cfg, tokens.size(0), model.cfg.block_size, tokens.device, dtype, pad=pad)
     logits, _ = model(tokens, cache=cache)
+    if eos is not None:
+        cache.pad = torch.where(tokens[:, -1] == eos, cache.length, pad)
     return cache, logits[:, -1, :]
 
 
@@ -195,6 +212,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if cache.length < block:
             last = model(nxt[:, None], cache=cache)[0][:, -1, :]
+            if model.document_eos is not None:  # a generated EOS closes its document: the next starts afresh
+                cache.pad = torch.where(nxt == model.document_eos, cache.length, cache.pad)
         elif at_limit == "stop":
             if on_limit is not None and step + 1 < max_new_tokens:
                 for row in range(B):

@@ -120,9 +120,11 @@ class GPT(nn.Module):
             ln_f=make_norm(cfg),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        if cfg.tie_embeddings:  # one matrix reads and writes tokens (GPT-2); Llama 3 8B has two
+            self.lm_head.weight = self.transformer.wte.weight
         self.checkpointed: set[int] = set()  # blocks that recompute activations in backward (lm.parallel)
-        self.document_eos: int | None = None  # data.document_mask: the EOS id that ends each packed document
+        # the EOS id that ends each packed document (model.document_eos, set by training with document masks)
+        self.document_eos: int | None = cfg.document_eos if cfg.document_eos >= 0 else None
         self.init_weights(seed)
 
     def initial_value(self, name: str, seed: int) -> torch.Tensor:

@@ -18,22 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_prep import DataError, TokenReader, load_tokenizer
+from data_prep import DataError, TokenReader
 from data_prep.fileio import atomic_write_bytes
 from lm import checkpoint, plan
-from lm.config import Config, ConfigError, parse_sources, to_toml
 from lm.augment import Augmenter, parse_augment
-from lm.data import MixedStream, Prefetcher, SampleStream, check_same_tokenizer, ensure_prepared
-from lm.distill import Distiller
-from lm.evaluation import Evaluator, validation_sets
+from lm.config import Config, ConfigError, to_toml
+from lm.data import SampleStream
 from lm.ewc import EWC, EWC_FILE, estimate_fisher
 from lm.freeze import Freezing
-from lm.initialize import load_initial_weights, old_domain
 from lm.metrics import MetricsLog, peak_flops
+from lm.objectives import build_objective, objective_class
 from lm.optim import LRSchedule, build_optimizer
-from lm.parallel import barrier, build_model, close_world, init_world, mean_across_ranks, resolved_dtype
+from lm.parallel import build_model, close_world, init_world, mean_across_ranks, resolved_dtype
 from lm.prune import MASKS_FILE, Masks
-from lm.sft import prepare_sft, split_targets
 from lm.stability import Stability
 
 
@@ -50,64 +47,34 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    def __new__(cls, cfg: Config, *args, **kwargs):
-        """A train.task = "classify" config gets the classification trainer (lm/classify.py), a subclass."""
-        if cls is Trainer and cfg.train.task == "classify":
-            from lm.classify import ClassifyTrainer
-
-            cls = ClassifyTrainer
-        return super().__new__(cls)
-
     def __init__(self, cfg: Config, resume: bool = False, last_good: bool = False):
         """`resume`: continue from the newest checkpoint in train.out_dir; `last_good`: if the newest is
         damaged, from the newest intact one."""
+        objective_class(cfg).check_combinations(cfg)
         self._join(cfg)
-
-        self.sources = parse_sources(cfg.data.sources)
-        if self.world.main and not self.sources:
-            ensure_prepared(cfg.data, show_progress=cfg.log.progress)
-        barrier()
-        dirs = [Path(d) for _, _, d in self.sources] or [Path(cfg.data.dir)]
-        check_same_tokenizer(dirs)
-        train_reader = TokenReader(dirs[0], "train")
-        self.tokenizer_file = dirs[0] / train_reader.meta["tokenizer"]["file"]
-        self._resolve_vocab(train_reader, dirs[0])
-        self.train_stream = self._train_stream(train_reader, dirs)
-        old = old_domain(cfg.init.from_)
-        if old and not (self.sources or cfg.data.val_sets):
-            check_same_tokenizer([dirs[0], Path(old)])
-        elif cfg.init.from_ and not (self.sources or cfg.data.val_sets or cfg.init.from_.startswith("hf:")):
-            self._print(f"note: the data {cfg.init.from_} was trained on is not here (or has no val split): "
-                        "forgetting is not tracked; name it in data.val_sets to track it")
-        val_sets = validation_sets(cfg, self.sources, dirs[0], old)
-        self.sft = bool(cfg.sft.train_file)  # prompt/completion examples, packed, instead of the shards
-        if self.sft:
-            self.train_stream, sft_val = prepare_sft(cfg, load_tokenizer(dirs[0]), int(train_reader.meta["eos_id"]),
-                                                      note=self._print)
-            val_sets = [sft_val] if sft_val else []
-        self.evaluator = Evaluator(val_sets, cfg, self.world, self.device, self._autocast)
+        # the objective: the data, batches, loss and validation (lm/objectives/); it records in cfg.model what
+        # the model computes with (the vocabulary, document masks)
+        self.objective = build_objective(self)
+        self.tokenizer_file = self.objective.tokenizer_file
+        self.evaluator = self.objective.evaluator
 
         torch.manual_seed(cfg.train.seed + self.world.rank)  # dropout differs across ranks
         self.model = build_model(cfg, self.world, self.device)
-        if cfg.data.document_mask or self.sft:  # packed documents stay apart, in training and in validation
-            self.model.document_eos = int(train_reader.meta["eos_id"])
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, cfg.train.max_steps)
         self.stability = Stability(cfg.stability, fp16=self.dtype == "float16")
         self.freezing = Freezing(cfg.continual.freeze)
         self.step, self.samples = 0, 0  # completed optimizer steps, global samples consumed
         self.stop_signal = False  # set by SIGTERM/SIGINT on this rank; acted on only through the step's vote
-        self.prefetcher = Prefetcher(self.train_stream, cfg.train.batch_size, self.device)
-        self.augment = Augmenter(parse_augment(cfg.data.augment), train_reader.vocab_size,
-                                 int(train_reader.meta["eos_id"]), cfg.train.seed) if cfg.data.augment else None
+        self.prefetcher = self.objective.batches(cfg.train.batch_size, self.device)
+        self.augment = Augmenter(parse_augment(cfg.data.augment), self.objective.vocab_size, self.objective.eos,
+                                 cfg.train.seed, keep_documents=cfg.model.document_eos >= 0) \
+            if cfg.data.augment else None
         self.trainable: list[torch.nn.Parameter] | None = None  # parameters that train now (see freezing)
         resumed = self._start(resume, last_good)
         self.ewc = self._setup_ewc(resumed) if cfg.continual.ewc_batches else None
         self.masks = self._pruning_masks(resumed)
-        self.distiller = Distiller(cfg, self.tokenizer_file, self.world, self.device) if cfg.distill.teacher else None
-        if self.distiller:
-            self._print(f"distilling from {cfg.distill.teacher} (T = {cfg.distill.temperature:g}, "
-                        f"alpha = {cfg.distill.alpha:g})")
+        self.objective.started()
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _join(self, cfg: Config):
@@ -120,37 +87,12 @@ class Trainer:
         self.dtype = resolved_dtype(cfg, self.device)
         self.run_dir = Path(cfg.train.out_dir)
 
-    def _resolve_vocab(self, reader: TokenReader, data_dir: Path):
-        vocab = reader.vocab_size
-        if self.cfg.model.vocab_size == 0:
-            self.cfg.model.vocab_size = vocab
-        elif self.cfg.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size = {self.cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary of {vocab} in {data_dir / 'meta.json'}")
-
-    def _train_stream(self, reader: TokenReader, dirs: list[Path]):
-        """One source: its own stream. Several: the interleave, whose period must divide the global batch
-        so that every step holds each source's exact share."""
-        seed, block = self.cfg.train.seed, self.cfg.model.block_size
-        if not self.sources:
-            return SampleStream(reader, block, seed, f"{dirs[0]} train split")
-        # each source its own hashed order (seeds far apart)
-        streams = [SampleStream(TokenReader(d, "train"), block, seed + 7919 * i, f"{d} train split")
-                   for i, d in enumerate(dirs)]
-        stream = MixedStream(streams, [w for _, w, _ in self.sources])
-        t = self.cfg.train
-        batch = self.world.size * t.batch_size * t.grad_accum
-        if batch % stream.mixture.period:
-            raise ConfigError(f"data.sources: a global batch of {batch} samples cannot hold the weights "
-                              f"exactly; make it a multiple of {stream.mixture.period}")
-        return stream
-
     def _setup_ewc(self, resumed: bool) -> EWC:
         """theta* and F from this run's ewc.pt on resume; else estimated now, at the starting weights."""
         c, path = self.cfg.continual, self.run_dir / EWC_FILE
         if resumed and path.is_file():
             return EWC.load(path, self.model, c.ewc_lambda)
-        directory = Path(c.ewc_data or next(d for r, _, d in self.sources if r == "replay"))
+        directory = Path(c.ewc_data or next(d for r, _, d in self.objective.sources if r == "replay"))
         stream = SampleStream(TokenReader(directory, "train"), self.cfg.model.block_size, self.cfg.train.seed + 2,
                               f"{directory} train split")
         fisher = estimate_fisher(self.model, stream, c.ewc_batches, self.cfg.train.batch_size, self.world.rank,
@@ -239,6 +181,7 @@ class Trainer:
 
     def _restore(self, ckpt: Path, keep_data_cursor: bool):
         saved = checkpoint.load_config(ckpt)
+        self.objective.check_checkpoint(ckpt, saved)
         checkpoint.check_shape(ckpt, saved, self.cfg)
         checkpoint.check_optimizer(ckpt, saved, self.cfg)
         # Only parameters that trained at some step before the checkpoint have optimizer state in it: freeze
@@ -255,6 +198,7 @@ class Trainer:
         self.evaluator.start = info.get("val_start", {})
         self.evaluator.last_loss, self.evaluator.last_step = info["val_loss"], info.get("val_step")
         self.schedule.load_state_dict(info["schedule"])
+        self.objective.load_state_dict(info)
 
     def _print(self, text: str):
         if self.world.main:
@@ -279,18 +223,18 @@ class Trainer:
             self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         scale = self.stability.loss_scale
         per_micro = self.world.size * t.batch_size  # global samples per micro-step
+        self.objective.begin_step(self.samples, per_micro * t.grad_accum)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             first = self.samples + micro * per_micro + self.world.rank * t.batch_size
             x, y = self.prefetcher.batch(first, next_first=first + per_micro)  # the next micro-step's, or step's
-            if self.sft:
-                x, y = split_targets(x, y)  # prompt tokens are no targets
+            x, y = self.objective.inputs(x, y)
             if self.augment:
                 x = self.augment(x, first)
             if self.world.distributed:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             with self._autocast():
-                loss = self._loss(x, y)
+                loss = self.objective.loss(self.model, x, y)
             (loss * scale / t.grad_accum).backward()
             loss_sum += loss.detach()
         self.samples += per_micro * t.grad_accum
@@ -335,40 +279,38 @@ class Trainer:
         self._print(f"rolled back to {found[-1]} (rollback {self.stability.rollbacks}); "
                     f"lr scale {self.schedule.scale:g}")
 
-    def _loss(self, x, y) -> torch.Tensor:
-        """The micro-batch's loss (lm.classify overrides it)."""
-        return self.distiller.loss(self.model, x, y) if self.distiller else self.model(x, y)[1]
-
     def _initial_weights(self):
-        """init.from's weights at the start of a new run (lm.classify overrides it)."""
-        load_initial_weights(self.cfg.init.from_, self.model, self.optimizer, self.cfg, self.world.rank)
+        self.objective.initial_weights(self.model, self.optimizer)
 
     # ---- evaluation and checkpoints -----------------------------------------------------------------
-    def _extra_info(self) -> dict:
-        """More entries for checkpoint.json (lm.classify: its best-checkpoint state)."""
-        return {}
-
     def save(self, train_loss: float) -> Path:
         info = {"samples": self.samples, "world_size": self.world.size, **self.stability.state_dict(),
                 "schedule": self.schedule.state_dict(), "train_loss": train_loss,
-                "val_loss": self.evaluator.last_loss, "val_step": self.evaluator.last_step, "params": self.num_params, "val_start": self.evaluator.start,
-                **self._extra_info()}
-        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
+                "val_loss": self.evaluator.last_loss, "val_step": self.evaluator.last_step, "params": self.num_params,
+                "val_start": self.evaluator.start, **self.objective.state_dict()}
+        path = checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
                                self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
                                keep_every=self.cfg.train.keep_every)
+        self.objective.after_save(path)
+        return path
 
     @property
     def num_params(self) -> int:
         return self.model.num_params()  # DTensors report their global size
 
-    def log_eval(self, bar):
-        if not self.evaluator.sets:
-            return
+    def log_eval(self, bar) -> bool:
+        """Evaluate and log; returns whether the objective stops the run early."""
+        if not self.evaluator.active:
+            return False
         record = self.evaluator.evaluate(self.model, self.step)
         self.schedule.observe_val_loss(record["val_loss"])
+        note, stop = self.objective.after_eval(record, self.step)
         self.metrics.write(record)
         if self.world.main:
-            bar.write(f"step {self.step}: {self.evaluator.summary(record)}")
+            bar.write(f"step {self.step}: {self.evaluator.summary(record)}{note}")
+        if stop:
+            self._print(stop)
+        return stop is not None
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -382,6 +324,10 @@ class Trainer:
         flops_per_token = plan.flops_per_token(m)
         peak = peak_flops(self.device, self.dtype)
         ckpt_every = t.checkpoint_interval or t.eval_interval
+        if (done := self.objective.finished()) is not None:  # a resumed run that had already stopped early
+            self._print(done)
+            self.metrics.close()
+            return self._result(float("nan"))
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (lg.progress and self.world.main),
                    unit="step", dynamic_ncols=True)
@@ -430,11 +376,13 @@ class Trainer:
             self.metrics.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+        return self._result(loss)
+
+    def _result(self, train_loss: float) -> dict:
         val = self.evaluator.last_loss
-        return {"step": self.step, "train_loss": loss, "val_loss": val, "val_step": self.evaluator.last_step,
+        return {"step": self.step, "train_loss": train_loss, "val_loss": val, "val_step": self.evaluator.last_step,
                 "skipped": self.stability.skipped,
-                "val_bpb": None if val is None or not self.evaluator.sets else
-                val / math.log(2) / self.evaluator.sets[0].bytes_per_token}
+                "val_bpb": None if val is None else self.evaluator.bits_per_byte(val), **self.objective.result()}
 
     def _log_step(self, out: dict, tok_s: float, mfu: float | None):
         record = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],

@@ -70,8 +70,23 @@ def test_bad_augment_specs_name_the_key(spec):
 
 
 def test_drop_with_document_mask_is_refused():
-    with pytest.raises(ConfigError, match="document_mask"):
-        load_config(None, ['data.augment=["drop:0.1"]', "data.document_mask=true"])
+    from lm.objectives import objective_class
+
+    cfg = load_config(None, ['data.augment=["drop:0.1"]', "data.document_mask=true"])
+    with pytest.raises(ConfigError, match="'drop' cannot be combined with data.document_mask"):
+        objective_class(cfg).check_combinations(cfg)
+
+
+def test_with_masked_documents_augmentation_never_moves_writes_or_replaces_eos():
+    from lm.augment import Augmenter
+
+    eos, vocab = 3, 6
+    x = torch.randint(0, vocab, (64, 32), generator=torch.Generator().manual_seed(0))
+    x[:, ::5] = eos
+    out = Augmenter([("swap", 0.5), ("noise", 0.5)], vocab, eos, seed=1, keep_documents=True)(x, 0)
+    assert torch.equal(out == eos, x == eos) and not torch.equal(out, x)
+    free = Augmenter([("noise", 0.9)], vocab, eos, seed=1)(x, 0)
+    assert not torch.equal(free == eos, x == eos)  # without masks noise writes EOS like any id
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from data_prep import DataError, prepare
 from lm import checkpoint
-from lm.classify import BEST_DIR, LABELS_FILE, attach_head, classification_metrics, main as classify_main
+from lm.classify import BEST_DIR, LABELS_FILE, attach_head, main as classify_main
+from lm.objectives.classification import classification_metrics
 from lm.classify_data import ExampleSampler, apportion, pad
 from lm.config import ConfigError, load_config
 from lm.model import GPT
@@ -230,8 +231,8 @@ def test_mistakes_are_named(setup, tmp_path):
         Trainer(classify_cfg(setup, tmp_path / "r", f"classify.val_file={other}"))
     with pytest.raises(ConfigError, match="class_weights has 2 weights for 3 labels"):
         Trainer(classify_cfg(setup, tmp_path / "r", "classify.class_weights=[1, 2]"))
-    with pytest.raises(ConfigError, match="data.document_mask applies to language modelling"):
-        classify_cfg(setup, tmp_path / "r", "data.document_mask=true")
+    with pytest.raises(ConfigError, match="data.document_mask cannot be combined with classification"):
+        Trainer(classify_cfg(setup, tmp_path / "r", "data.document_mask=true"))
     with pytest.raises(ConfigError, match="classify.train_file is empty"):
         load_config(None, ["train.task=classify"])
 

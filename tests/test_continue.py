@@ -66,7 +66,7 @@ def test_replay_share_is_exact_in_every_global_batch(domains, pretrained, tmp_pa
     trainer = Trainer(cont(domains, pretrained, tmp_path / "r", "train.grad_accum=2"))
     g = 8  # 1 rank x 4 sequences x 2 micro-batches
     for step in range(100):
-        src, _ = trainer.train_stream.mixture.assign(step * g, g)
+        src, _ = trainer.objective.train_stream.mixture.assign(step * g, g)
         assert np.bincount(src, minlength=2).tolist() == [6, 2]
     # a batch that cannot hold 25% exactly is refused, naming the key
     with pytest.raises(ConfigError, match="data.sources.*multiple of 4"):

@@ -85,5 +85,5 @@ def test_a_hugging_face_teacher_with_our_tokenizer_teaches(cli, teacher, tmp_pat
 
     _, ours = load(teacher / "teacher")
     with torch.no_grad():  # the HF directory's weights arrived as the teacher
-        assert torch.allclose(trainer.distiller.teacher(x)[0], ours(x)[0], atol=1e-5)
+        assert torch.allclose(trainer.objective.teacher(x)[0], ours(x)[0], atol=1e-5)
     trainer.run()

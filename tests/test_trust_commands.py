@@ -10,7 +10,7 @@ import pytest
 
 from data_prep import DataError
 from lm import checkpoint
-from lm.classify import PER_CLASS_LIMIT, classification_metrics, prediction_metrics
+from lm.objectives.classification import PER_CLASS_LIMIT, classification_metrics, prediction_metrics
 from lm.config import ConfigError, load_config
 from lm.sft import fit, pack, prepare_sft, read_examples
 from lm.trainer import Trainer
@@ -75,8 +75,11 @@ def test_settings_that_cannot_train_are_refused(setting):
 
 
 def test_drop_augmentation_is_refused_with_prompt_completion_packing():
-    with pytest.raises(ConfigError, match="data.augment.*sft.train_file"):
-        load_config(None, ['data.augment=["drop:0.1"]', "sft.train_file=x.jsonl"])
+    from lm.objectives import objective_class
+
+    cfg = load_config(None, ['data.augment=["drop:0.1"]', "sft.train_file=x.jsonl"])
+    with pytest.raises(ConfigError, match="data.augment 'drop' cannot be combined with sft.train_file"):
+        objective_class(cfg).check_combinations(cfg)
 
 
 # ---- prompt/completion ---------------------------------------------------------------------------
