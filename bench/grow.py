@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep import is_prepared, prepare  # noqa: E402
 from lm.config import load_config  # noqa: E402
-from lm.grow import GrowSpec, grow  # noqa: E402
+from lm.grow import GrowSpec  # noqa: E402
+from lm.grow.run import grow  # noqa: E402
 from lm.plan import flops_per_token  # noqa: E402
 from lm.trainer import Trainer  # noqa: E402
 
@@ -35,11 +36,15 @@ COMMON = ["model.block_size=64", "model.dropout=0.0", "model.bias=false", "train
           "optim.weight_decay=0.1"]
 SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
 # variant -> (lm.grow spec, the grown shape as overrides for its from-scratch twin)
+DEEP, WIDE, BOTH = (["model.n_layer=4", "model.n_embd=64", "model.n_head=4"],
+                    ["model.n_layer=2", "model.n_embd=128", "model.n_head=8"],
+                    ["model.n_layer=4", "model.n_embd=128", "model.n_head=8"])
+# variant -> (directory name, lm.grow spec, the grown shape as overrides for its from-scratch twin)
 VARIANTS = {
-    "2x depth (zero blocks)": (GrowSpec(n_layer=4), ["model.n_layer=4", "model.n_embd=64", "model.n_head=4"]),
-    "2x depth (stacked)": (GrowSpec(n_layer=4, depth="stack"), ["model.n_layer=4", "model.n_embd=64", "model.n_head=4"]),
-    "2x width": (GrowSpec(n_embd=128), ["model.n_layer=2", "model.n_embd=128", "model.n_head=8"]),
-    "2x depth + 2x width": (GrowSpec(n_layer=4, n_embd=128), ["model.n_layer=4", "model.n_embd=128", "model.n_head=8"]),
+    "2x depth (zero blocks)": ("depth_zero", GrowSpec(n_layer=4), DEEP),
+    "2x depth (stacked)": ("depth_stack", GrowSpec(n_layer=4, depth="stack"), DEEP),
+    "2x width": ("width", GrowSpec(n_embd=128), WIDE),
+    "2x depth + 2x width": ("depth_width", GrowSpec(n_layer=4, n_embd=128), BOTH),
 }
 
 
@@ -97,7 +102,8 @@ def main(argv=None) -> int:
     if not is_prepared(data):
         prepare([str(args.text)], data, tokenizer="char", show_progress=False)
     runs = args.work / f"runs-{int(time.time())}"
-    common = [*COMMON, f"data.dir={data}", f"train.eval_interval={args.eval_interval}", f"train.threads={args.threads}"]
+    common = [*COMMON, f"data.dir={data}", f"train.eval_interval={args.eval_interval}",
+              f"train.threads={args.threads}"]
 
     def steps(n):
         return [f"train.max_steps={n}", f"train.checkpoint_interval={n}"]
@@ -107,35 +113,42 @@ def main(argv=None) -> int:
     small_flops = args.small_steps * flops_per_step(small_cfg)
     small_curve = curve(small_evals, flops_per_step(small_cfg))
     print(f"small: val {small_evals[-1][1]:.4f} after {args.small_steps} steps ({small_wall:.0f} s)", flush=True)
-    results, scratch_done = [], {}
-    for name, (spec, shape) in VARIANTS.items():
-        out = runs / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "and")
+    scratch: dict[tuple, tuple] = {}  # one from-scratch run per grown shape
+
+    def compare(name, slug, spec, shape) -> dict:
+        out = runs / slug
         grow(str(runs / "small"), out, spec)
         evals, wall, cfg = train([f"init.from={out}", *common, *shape, *steps(args.grown_steps),
                                   f"train.out_dir={out}-continued"])
         per_step = flops_per_step(cfg)
-        grown_curve = small_curve + curve(evals, per_step, small_flops)[1:]
+        grown_curve = small_curve + curve(evals, per_step, small_flops)[1:]  # its step 0 is the small's end
         budget = small_flops + args.grown_steps * per_step
-        key = tuple(shape)
-        if key not in scratch_done:  # one from-scratch run per grown shape, for the same FLOPs
-            scratch_steps = math.ceil(budget / per_step)
-            s_evals, s_wall, _ = train([*common, *shape, *steps(scratch_steps),
-                                        f"train.out_dir={runs / ('scratch_' + '_'.join(s.split('=')[1] for s in shape))}"])
-            scratch_done[key] = (curve(s_evals, per_step), scratch_steps, s_wall)
-        scratch_curve, scratch_steps, s_wall = scratch_done[key]
+        if tuple(shape) not in scratch:  # the same FLOPs as the small run and the continuation together
+            n = math.ceil(budget / per_step)
+            s_evals, s_wall, _ = train([*common, *shape, *steps(n), f"train.out_dir={runs / ('scratch_' + slug)}"])
+            scratch[tuple(shape)] = (curve(s_evals, per_step), n, s_wall)
+        scratch_curve, scratch_steps, scratch_wall = scratch[tuple(shape)]
         target = scratch_curve[-1][1]
         reach = flops_to_reach(grown_curve, target)
-        row = {"variant": name, "shape": shape, "small_final_val": small_evals[-1][1],
-               "val_after_growth": evals[0][1], "jump": evals[0][1] - small_evals[-1][1],
-               "budget_flops": budget, "scratch_steps": scratch_steps,
-               "grown_val_half": loss_at(grown_curve, budget / 2), "scratch_val_half": loss_at(scratch_curve, budget / 2),
-               "grown_val_end": loss_at(grown_curve, budget), "scratch_val_end": target,
-               "flops_to_scratch_final": reach, "fraction_of_scratch_flops": reach / scratch_curve[-1][0] if reach else None,
-               "grown_curve": grown_curve, "scratch_curve": scratch_curve, "wall_s": wall, "scratch_wall_s": s_wall}
+        return {"variant": name, "shape": shape, "small_final_val": small_evals[-1][1],
+                "val_after_growth": evals[0][1], "jump": evals[0][1] - small_evals[-1][1],
+                "budget_flops": budget, "scratch_steps": scratch_steps,
+                "grown_val_half": loss_at(grown_curve, budget / 2),
+                "scratch_val_half": loss_at(scratch_curve, budget / 2),
+                "grown_val_end": loss_at(grown_curve, budget), "scratch_val_end": target,
+                "flops_to_scratch_final": reach,
+                "fraction_of_scratch_flops": reach / scratch_curve[-1][0] if reach else None,
+                "grown_curve": grown_curve, "scratch_curve": scratch_curve, "wall_s": wall,
+                "scratch_wall_s": scratch_wall}
+
+    results = []
+    for name, (slug, spec, shape) in VARIANTS.items():
+        row = compare(name, slug, spec, shape)
         results.append(row)
-        print(f"{name}: after growth {row['val_after_growth']:.4f} (jump {row['jump']:+.4f}), end {row['grown_val_end']:.4f} "
-              f"vs scratch {target:.4f}; reaches it at "
-              + (f"{row['fraction_of_scratch_flops']:.2f}x the FLOPs" if reach else "never"), flush=True)
+        reached = row["fraction_of_scratch_flops"]
+        print(f"{name}: after growth {row['val_after_growth']:.4f} (jump {row['jump']:+.4f}), "
+              f"end {row['grown_val_end']:.4f} vs scratch {row['scratch_val_end']:.4f}; reaches it at "
+              + (f"{reached:.2f}x the FLOPs" if reached else "never"), flush=True)
     table = format_table(results, args)
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +167,9 @@ def format_table(results: list[dict], args) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in results:
         reach = f"{r['fraction_of_scratch_flops']:.2f}x" if r["fraction_of_scratch_flops"] else "not reached"
-        lines.append(f"| {r['variant']} | {r['val_after_growth']:.3f} ({r['jump']:+.3f}) | {r['grown_val_half']:.3f} "
-                     f"| {r['scratch_val_half']:.3f} | {r['grown_val_end']:.3f} | {r['scratch_val_end']:.3f} | {reach} |")
+        lines.append(f"| {r['variant']} | {r['val_after_growth']:.3f} ({r['jump']:+.3f}) | "
+                     f"{r['grown_val_half']:.3f} | {r['scratch_val_half']:.3f} | {r['grown_val_end']:.3f} | "
+                     f"{r['scratch_val_end']:.3f} | {reach} |")
     return "\n".join(lines)
 
 

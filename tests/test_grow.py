@@ -13,7 +13,8 @@ from data_prep import prepare
 from lm import checkpoint
 from lm.config import ConfigError, ModelConfig, load_config
 from lm.export import load
-from lm.grow import GrowSpec, block_sources, grow_model, grown_config, main
+from lm.grow import GrowSpec, block_sources, grow_model, grown_config
+from lm.grow.run import main
 from lm.model import GPT
 from lm.trainer import Trainer
 from tests.conftest import ROOT, assert_user_error, run_cli

@@ -1,0 +1,5 @@
+import sys
+
+from lm.grow.run import main
+
+sys.exit(main())
