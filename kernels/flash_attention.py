@@ -4,7 +4,15 @@ grouped K/V heads and document-masked packing.
 Forward: one program per (query block, batch*head); online softmax in fp32 with exp2 and
 sm_scale*log2(e); the log-sum-exp (log2 units, fp32) is saved for backward. Backward: a preprocess
 kernel computes delta = rowsum(O * dO), then one kernel accumulates dK/dV per key block (looping
-over query blocks) and another dQ per query block (looping over key blocks), so there are no atomics.
+over query blocks) and another dQ per query block (looping over key blocks), so there are no atomics
+and gradients are bit-identical run to run. That is 7 matrix products per block pair, against
+FlashAttention-2's 5 (one pass adding each key block's dQ share with fp32 atomics, whose order, and
+so whose rounding, changes run to run; a deterministic reduction instead stores a T x D partial per
+key block: T/BLOCK_N times dQ's size in memory). Causal grids launch the heaviest blocks first (the
+last query blocks; key block 0), so the long programs do not form the tail.
+
+On a GPU, fp32 products run on tensor cores as 3xTF32 (about fp32's accuracy), and head dims above
+128 (where dK/dV cannot hold its accumulators without spilling) go to PyTorch: see runs_on_gpu.
 
 Grouped-query attention: q has H heads, k and v have Hkv (H % Hkv == 0); query head h reads kv head
 h // (H // Hkv) by pointer arithmetic, so K/V are never repeated in memory. A dK/dV program owns one
@@ -41,25 +49,84 @@ POISON_OUTPUTS = False
 # Forward and dQ need BLOCK_M % BLOCK_N == 0 (the diagonal stage starts on a key-block boundary);
 # dK/dV needs BLOCK_N % BLOCK_M == 0 for the same reason along queries.
 _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64)
-_FWD_CONFIGS = configs([
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-], _INTERP_BLOCKS)
-_DKDV_CONFIGS = configs([
-    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-], _INTERP_BLOCKS)
-_DQ_CONFIGS = configs([
-    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-], _INTERP_BLOCKS)
+
+
+def _c(m, n, w, s):
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+
+# The configs each kernel ships, per (operand bytes, head dim[, "dropout"]); the autotuner picks among
+# them. Each compiles for sm_90 without spilling registers and within shared memory in every feature
+# (causal, full, grouped K/V, documents, dropout): `python bench/compile.py` lists them, and
+# tests/test_compile.py checks the bf16 ones. Dropout's random numbers take ~40 registers a thread, so
+# it gets smaller blocks where the plain configs would spill. Head dims 16 and 32 use the 64 lists;
+# D=256 (no dK/dV config fits without spilling) and fp32 beyond D=128 go to PyTorch (runs_on_gpu).
+_GPU_CONFIGS = {
+    "fwd": {
+        (2, 64): [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
+        (2, 128): [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
+        (4, 64): [_c(64, 32, 4, 2)],
+        (4, 128): [_c(64, 32, 4, 2)],
+    },
+    "dkdv": {
+        (2, 64): [_c(32, 128, 8, 3), _c(32, 64, 4, 2)],
+        (2, 128): [_c(32, 128, 8, 2), _c(32, 64, 8, 2), _c(16, 128, 8, 2)],
+        (2, 128, "dropout"): [_c(16, 128, 8, 2)],
+        (4, 64): [_c(32, 64, 4, 2)],
+        (4, 128): [_c(16, 64, 4, 2)],
+    },
+    "dq": {
+        (2, 64): [_c(128, 64, 8, 2), _c(128, 32, 8, 3), _c(64, 64, 4, 2)],
+        (2, 128): [_c(128, 64, 8, 2), _c(128, 32, 8, 3)],
+        (4, 64): [_c(64, 32, 4, 2)],
+        (4, 128): [_c(64, 32, 4, 2)],
+    },
+}
+MAX_GPU_HEAD_DIM = 128
+
+
+def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int, dropout: bool = False) -> list[dict]:
+    """The GPU configs `kernel` (fwd, dkdv, dq) ships for this dtype and head dim; dropout has lists of
+    its own where its random numbers would make the plain ones spill."""
+    table = _GPU_CONFIGS[kernel]
+    key = (dtype.itemsize, max(head_dim, 64))
+    return (dropout and table.get(key + ("dropout",))) or table[key]
+
+
+def runs_on_gpu(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a CUDA launch of this dtype and head dim runs our kernels; else flash_attention hands it
+    to PyTorch (sdpa_fallback). The interpreter runs every head dim."""
+    return head_dim <= MAX_GPU_HEAD_DIM
+
+
+def _all_configs(kernel: str) -> list[dict]:
+    seen = []
+    for cs in _GPU_CONFIGS[kernel].values():
+        seen += [c for c in cs if c not in seen]
+    return seen
+
+
+def _prune(kernel: str):
+    """early_config_prune: only the configs shipped for the launch's dtype and head dim (all of the
+    list when none of them is there: bench/gpu.py pins one config to check it)."""
+    def prune(configs, nargs, **kwargs):
+        shipped = shipped_configs(kernel, nargs["Q"].dtype, kwargs["HEAD_DIM"], kwargs["DROPOUT"])
+        wanted = [config_key(c) for c in shipped]
+        return [c for c in configs if _config_key(c) in wanted] or configs
+    return prune
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def config_key(c: dict) -> tuple:
+    return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
+
+
+_FWD_CONFIGS = configs(_all_configs("fwd"), _INTERP_BLOCKS)
+_DKDV_CONFIGS = configs(_all_configs("dkdv"), _INTERP_BLOCKS)
+_DQ_CONFIGS = configs(_all_configs("dq"), _INTERP_BLOCKS)
 _KEY = ["T", "HEAD_DIM", "GROUP", "CAUSAL", "SEGMENTED", "DROPOUT"]
 
 
@@ -114,14 +181,17 @@ def _fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, stride_t, bh, seed, offs_m, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(Q, K, V, O, LSE, SEG, DocStart, DocEnd, stride_qb, stride_qh, stride_qt,
               stride_kb, stride_kh, stride_kt, H, GROUP, T, qk_scale, dropout_p, seed,
               CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launched first, they do not form the tail
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -192,27 +262,35 @@ def _attn_bwd_delta(O, DO, Delta, stride_b, stride_h, stride_t, H, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qt, stride_dt, bh, seed, offs_n,
-                lo, hi, T, qk_scale, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qh, stride_qt, stride_dh, stride_dt,
+                bh0, GROUP, seed, offs_n, lo, hi, T, qk_scale, dropout_p, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Query blocks [lo, hi) of each of the GROUP query heads bh0, bh0 + 1, ... (Q, DO at the first), as
+    # one flat loop over (head, block) pairs: a loop over heads around a loop over blocks carries dk/dv
+    # through two loop levels, which cost Hopper up to 400 B of spills per thread at D=128.
     # Works on transposed scores (keys x queries) so the dK/dV products need no transposes.
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
+    blocks = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, GROUP * blocks):
+        g = it // blocks
+        start_m = lo + (it - g * blocks) * BLOCK_M
+        bh = bh0 + g
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptr = Q + offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptr = DO + offs_m[:, None] * stride_dt + offs_d[None, :]
+        q_ptr = Q + g.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptr = DO + g.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :]
+        rows_ptr = bh.to(tl.int64) * T + offs_m
         if MASKED:
             rows = offs_m < T
             q = tl.load(q_ptr, mask=rows[:, None], other=0.0)
             do = tl.load(do_ptr, mask=rows[:, None], other=0.0)
-            lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
-            delta = tl.load(Delta + offs_m, mask=rows, other=0.0)
+            lse = tl.load(LSE + rows_ptr, mask=rows, other=0.0)
+            delta = tl.load(Delta + rows_ptr, mask=rows, other=0.0)
         else:
             q = tl.load(q_ptr)
             do = tl.load(do_ptr)
-            lse = tl.load(LSE + offs_m)
-            delta = tl.load(Delta + offs_m)
+            lse = tl.load(LSE + rows_ptr)
+            delta = tl.load(Delta + rows_ptr)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -239,7 +317,7 @@ def _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qt, stride_d
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, SEG, DocStart, DocEnd,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -249,6 +327,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, SEG, DocStart, DocEnd,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (key block, batch * kv head); it loops over the GROUP query heads that share
     # this kv head, so their dK/dV contributions sum in registers (no atomics, no per-head copies).
+    # Causal: key block 0 sees the most queries and program 0 starts first, so the heaviest lead.
     start_n = tl.program_id(0)
     bkv = tl.program_id(1)
     kv_heads = H // GROUP
@@ -281,29 +360,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, SEG, DocStart, DocEnd,
     hi_floor = hi // BLOCK_M * BLOCK_M
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(GROUP):
-        h = kv_head * GROUP + g
-        bh = b * H + h
-        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        DOh = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-        LSEh = LSE + bh.to(tl.int64) * T
-        Deltah = Delta + bh.to(tl.int64) * T
-        if CAUSAL:
-            diag_end = first + BLOCK_N
-            dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
-                                 bh, seed, offs_n, first, tl.minimum(diag_end, hi), T, qk_scale,
-                                 dropout_p, True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION,
-                                 HEAD_DIM, BLOCK_M)
-            tail = tl.maximum(diag_end, hi_floor)
-        else:
-            diag_end = lo
-            tail = hi_floor  # lo <= hi_floor: both round down, and lo's document starts before hi
-        dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
-                             bh, seed, offs_n, diag_end, hi_floor, T, qk_scale, dropout_p,
-                             False, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, LSEh, Deltah, SEG, stride_qt, stride_dt,
-                             bh, seed, offs_n, tail, hi, T, qk_scale, dropout_p,
-                             True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
+    h0 = kv_head * GROUP  # the group's first query head
+    bh0 = b * H + h0
+    Q += b.to(tl.int64) * stride_qb + h0.to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_db + h0.to(tl.int64) * stride_dh
+    if CAUSAL:
+        diag_end = first + BLOCK_N
+        dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qh, stride_qt, stride_dh,
+                             stride_dt, bh0, GROUP, seed, offs_n, first, tl.minimum(diag_end, hi), T, qk_scale,
+                             dropout_p, True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
+        tail = tl.maximum(diag_end, hi_floor)
+    else:
+        diag_end = lo
+        tail = hi_floor  # lo <= hi_floor: both round down, and lo's document starts before hi
+    dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qh, stride_qt, stride_dh, stride_dt,
+                         bh0, GROUP, seed, offs_n, diag_end, hi_floor, T, qk_scale, dropout_p,
+                         False, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
+    dk, dv = _dkdv_inner(dk, dv, k, v, seg_k, Q, DO, LSE, Delta, SEG, stride_qh, stride_qt, stride_dh, stride_dt,
+                         bh0, GROUP, seed, offs_n, tail, hi, T, qk_scale, dropout_p,
+                         True, CAUSAL, SEGMENTED, DROPOUT, UPCAST, PRECISION, HEAD_DIM, BLOCK_M)
     out = (bkv.to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
@@ -345,7 +420,7 @@ def _dq_inner(dq, q, do, lse, delta, seg_q, K, V, SEG, stride_t, bh, seed, offs_
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, SEG, DocStart, DocEnd,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -353,7 +428,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, SEG, DocStart, DocEnd,
                  CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, DROPOUT: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launched first, they do not form the tail
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -434,9 +512,11 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 dots would default to tf32 on the GPU; the interpreter computes everything in fp32.
-    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+def _precision(dtype: torch.dtype, interpret: bool = INTERPRET) -> str:
+    """fp32 dots on the GPU as 3xTF32 (hi/lo split, three tensor-core products: about fp32's accuracy;
+    "ieee" would be FMA loops that take minutes to compile and spill); the interpreter computes in fp32.
+    The setting is ignored for fp16/bf16 operands."""
+    return "ieee" if interpret else "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _document_bounds(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,6 +587,34 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def sdpa_fallback(q, k, v, *, causal: bool, dropout_p: float, softmax_scale: float, seed: int,
+                  segments: torch.Tensor | None) -> torch.Tensor:
+    """The same attention through PyTorch, for the launches runs_on_gpu() hands over: SDPA (its fused
+    kernels where they take the shape), or, with dropout, the explicit softmax times our keep-mask for
+    `seed`, so dropout_keep_mask still describes what was dropped."""
+    import torch.nn.functional as F
+
+    B, H, T, _ = q.shape
+    mask = None
+    if segments is not None:
+        mask = (segments[:, None, :, None] == segments[:, None, None, :])
+        if causal:
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if dropout_p == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=softmax_scale, enable_gqa=k.size(1) != H)
+    group = H // k.size(1)
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)).float() * softmax_scale
+    if mask is None and causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    keep = dropout_keep_mask(seed, B, H, T, dropout_p, q.device)
+    a = s.softmax(-1) * keep / (1.0 - dropout_p)
+    return a.to(v.dtype) @ v
+
+
 def _check_shapes(q, k, v) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"q must be (B, H, T, D) and k, v one (B, Hkv, T, D) shape; got {tuple(q.shape)}, "
@@ -562,5 +670,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         softmax_scale = 1.0 / math.sqrt(q.size(-1))
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if q.is_cuda and not runs_on_gpu(q.dtype, q.size(-1)):
+        return sdpa_fallback(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                             seed=int(seed or 0), segments=segments)
     return _FlashAttention.apply(q, k, v, segments, causal, float(dropout_p), float(softmax_scale),
                                  int(seed or 0))

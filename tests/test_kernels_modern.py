@@ -348,3 +348,17 @@ def test_llama_blocks_with_document_mask_run_our_kernels_like_pytorch():
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------- what a GPU hands to PyTorch
+
+@pytest.mark.parametrize("kv_heads,causal,p", [(2, True, 0.0), (1, False, 0.0), (2, True, 0.3)])
+def test_sdpa_fallback_computes_what_the_kernel_does(kv_heads, causal, p):
+    """sdpa_fallback, which flash_attention runs on a GPU for the dtype/head dims runs_on_gpu() gives to
+    PyTorch, matches our kernel: grouped K/V heads, documents, and dropout with the same keep-mask."""
+    segments = segments_from_lengths([30, 40, 30], [100])
+    q, k, v, _ = (t.float() for t in attention_inputs(2, 4, kv_heads, 100, 32, seed=3))
+    ours = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=11, segments=segments)
+    theirs = fa.sdpa_fallback(q, k, v, causal=causal, dropout_p=p, softmax_scale=32 ** -0.5, seed=11,
+                              segments=segments)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
