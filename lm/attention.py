@@ -60,16 +60,13 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
         if cfg.layernorm == "triton":
             from kernels.layer_norm import TritonRMSNorm
 
-            return TritonRMSNorm(size, eps=RMS_EPS)
-        return nn.RMSNorm(size, eps=RMS_EPS)
+            return TritonRMSNorm(size, eps=cfg.norm_eps)
+        return nn.RMSNorm(size, eps=cfg.norm_eps)
     if cfg.layernorm == "triton":
         from kernels.layer_norm import TritonLayerNorm
 
-        return TritonLayerNorm(size, bias=cfg.bias)
-    return nn.LayerNorm(size, bias=cfg.bias)
-
-
-RMS_EPS = 1e-5  # Llama 3's rms_norm_eps
+        return TritonLayerNorm(size, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -7,6 +7,6 @@ from lm.export import main
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        print(__doc__, file=sys.stderr)
+        print("error: usage: python -m lm.consolidate CHECKPOINT OUT_DIR (a new directory)", file=sys.stderr)
         sys.exit(2)
     sys.exit(main([sys.argv[1], sys.argv[2], "--format", "safetensors"]))

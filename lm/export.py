@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,8 +16,10 @@ from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.attention import inference_backends
 from lm.config import to_toml
+from lm.files import check_destination, output_dir, save_safetensors
 from lm.hf import hf_config, to_hf_state, unrolled
 from lm.model import GPT
+from lm.quantize import stored_state
 
 EOS = "<|endoftext|>"
 
@@ -32,29 +33,9 @@ def load(path, device="cpu") -> tuple[Path, GPT]:
     return ckpt, model.eval()
 
 
-def _fresh_dir(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise checkpoint.CheckpointError(f"{out}: exists and is not a directory; choose another output directory")
-    if out.exists() and any(out.iterdir()):
-        raise checkpoint.CheckpointError(f"{out}: exists and is not empty; choose another output directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def save_safetensors(state: dict, path: Path, metadata: dict):
-    """safetensors' save_file, with the mode of any new file (0666 less the umask: 0644 usually); save_file
-    itself leaves 0600, which other users (a serving account, a shared group) cannot read."""
-    from safetensors.torch import save_file
-
-    save_file(state, str(path), metadata=metadata)
-    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def export_safetensors(ckpt: Path, model: GPT, out: Path):
     cfg = checkpoint.load_config(ckpt)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in stored_state(model).items()}
     save_safetensors(state, out / "model.safetensors", metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
     (out / "config.toml").write_text(to_toml(cfg))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -84,6 +65,11 @@ def hf_tokenizer_json(ckpt: Path) -> str:
 
 def export_hf(ckpt: Path, model: GPT, out: Path):
     tokenizer = load_tokenizer(ckpt)
+    cfg = checkpoint.load_config(ckpt)
+    if cfg.data.document_mask or cfg.sft.train_file:  # (SFT packs its examples with the same masks)
+        key = "data.document_mask = true" if cfg.data.document_mask else "sft.train_file (packed, masked examples)"
+        raise checkpoint.CheckpointError(f"{ckpt}: trained with {key}: attention and positions restart at each EOS, "
+                                         "which a HF model cannot express; export --format safetensors instead")
     if model.cfg.share_layers > 1:
         print(f"note: model.share_layers = {model.cfg.share_layers}: the export holds the unrolled weights "
               f"({model.cfg.n_layer} blocks), a standard directory {model.cfg.share_layers}x the size of the "
@@ -113,16 +99,15 @@ def main(argv=None) -> int:
     p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
     p.add_argument("--format", choices=("hf", "safetensors"), required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     try:
+        check_destination(args.out, args.force, keep=[args.path])
         ckpt, model = load(args.path)
-        out = _fresh_dir(args.out)
-        (export_hf if args.format == "hf" else export_safetensors)(ckpt, model, out)
+        with output_dir(args.out, args.force) as out:  # complete, or nothing (a full disk, a read-only directory)
+            (export_hf if args.format == "hf" else export_safetensors)(ckpt, model, out)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # writing the export: a full disk, a read-only directory
-        print(f"error: {args.out}: cannot write the export ({e.strerror or e}: {e.filename})", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({args.format}) from {ckpt}")
     return 0

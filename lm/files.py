@@ -192,7 +192,14 @@ def writing_error(e: OSError, dest) -> DataError:
                      "nothing was left behind")
 
 
-def _check_destination(dest: Path, force: bool, directory: bool):
+def check_destination(dest: str | os.PathLike, force: bool = False, directory: bool = True, keep=()):
+    """Refuse an existing `dest` (a file, a non-empty directory) unless `force`, and a `dest` that is or holds
+    one of the inputs in `keep` (replacing it would delete them): call it before the work that fills the
+    output, so a mistake costs nothing; the writers check again."""
+    dest = Path(dest)
+    for source in map(Path, keep):
+        if source.resolve().is_relative_to(dest.resolve()):
+            raise DataError(f"{dest}: holds the input {source}; write the output elsewhere")
     if not dest.exists() and not dest.is_symlink():
         return
     if directory and dest.is_dir() and not any(dest.iterdir()):
@@ -210,7 +217,7 @@ def output_dir(dest: str | os.PathLike, force: bool = False):
     fsynced and it is renamed to `dest` (replacing it only with `force`). On any error it is removed and
     an OSError becomes one line, so a full or read-only disk leaves neither a partial output nor a trace."""
     dest = Path(dest)
-    _check_destination(dest, force, directory=True)
+    check_destination(dest, force, directory=True)
     tmp = _temporary_sibling(dest, "tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +243,7 @@ def write_file(dest: str | os.PathLike, data: str | bytes, force: bool = False):
     """Write `data` to `dest` through a temporary sibling and a rename; an existing `dest` is refused
     unless `force`."""
     dest = Path(dest)
-    _check_destination(dest, force, directory=False)
+    check_destination(dest, force, directory=False)
     tmp = _temporary_sibling(dest, "tmp")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

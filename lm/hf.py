@@ -5,14 +5,15 @@ are transposed, and HF GPT-2 always has biases, so a bias-free model exports zer
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from data_prep import DataError
 from lm import hf_llama
 from lm.checkpoint import CheckpointError
 from lm.config import ModelConfig, head_size, mlp_hidden_size
+from lm.files import field, read_json, read_safetensors, safetensors_header
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # ours -> HF's activation_function
 
@@ -37,10 +38,11 @@ def hf_config(cfg: ModelConfig, eos_id: int) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": ACTIVATIONS[cfg.activation], "layer_norm_epsilon": 1e-5,
+        "activation_function": ACTIVATIONS[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": True, "torch_dtype": "float32",
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
     }
 
 
@@ -73,14 +75,17 @@ def _is_conv1d(model: torch.nn.Module, key: str) -> bool:
 
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF tensors (contiguous, head omitted: it is tied) from our model."""
+    """HF tensors (contiguous; a tied head omitted: it is the embedding) from our model."""
     if family(model.cfg) == "llama":
         return _to_llama_state(model)
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
             state[f"{name}.weight"] = module.weight
-        elif isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+        elif name == "lm_head":
+            if not model.cfg.tie_embeddings:
+                state["lm_head.weight"] = module.weight
+        elif isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
             w = module.weight
             state[f"{name}.weight"] = w.t() if isinstance(module, torch.nn.Linear) else w
             state[f"{name}.bias"] = module.bias if module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
@@ -93,6 +98,8 @@ def _to_llama_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     kv = (cfg.n_kv_head or cfg.n_head) * head
     for key, value in model.state_dict().items():
         if key == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                state[key] = value
             continue
         names = hf_llama.hf_name(key)
         if isinstance(names, list):  # c_attn: q, k, v stacked by rows
@@ -103,70 +110,138 @@ def _to_llama_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
+POSITIVE = (lambda v: v >= 1, "must be >= 1")
+EPS = (lambda v: 0 < v < 1, "must be in (0, 1)")
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
-    """Our model shape from a HF GPT-2 or Llama `config.json`, refusing what our architecture cannot represent."""
+    """Our model shape from a HF GPT-2 or Llama `config.json`, refusing what our architecture cannot represent
+    (one line naming the file and field), and checked against the header of `model.safetensors` before
+    anything is allocated."""
     path = directory / "config.json"
     try:
-        hf = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; hf:{directory} is not a Hugging Face model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not JSON ({e})") from None
-    if hf.get("model_type") == "llama":
-        try:
-            return hf_llama.read_llama_config(hf, str(path))
-        except KeyError as e:
-            raise CheckpointError(f"{path}: missing {e}") from None
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}; only 'gpt2' and 'llama' map onto "
-                              "our GPT")
-    act = {v: k for k, v in ACTIVATIONS.items()}.get(hf.get("activation_function", "gelu_new"))
+        hf = read_json(path, what="Hugging Face config.json")
+        kind = field(hf, "model_type", path, types=(str,))
+        if kind == "llama":
+            cfg = hf_llama.read_llama_config(hf, path)
+        elif kind == "gpt2":
+            cfg = _read_gpt2_config(hf, path)
+        else:
+            raise DataError(f"{path}: model_type is {kind!r}; only 'gpt2' and 'llama' map onto our GPT")
+        check_hf_header(directory, cfg)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg
+
+
+def _read_gpt2_config(hf: dict, path: Path) -> ModelConfig:
+    act = {v: k for k, v in ACTIVATIONS.items()}.get(field(hf, "activation_function", path, (str,), default="gelu_new"))
     if act is None:
-        raise CheckpointError(f"{path}: activation_function {hf['activation_function']!r} is not gelu or gelu_new")
-    n_embd = hf["n_embd"]
-    checks = {"n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
-              "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-              "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-              "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,))}
+        raise DataError(f"{path}: activation_function {hf['activation_function']!r} is not gelu or gelu_new")
+    n_embd, n_head = field(hf, "n_embd", path, check=POSITIVE), field(hf, "n_head", path, check=POSITIVE)
+    if n_embd % n_head:
+        raise DataError(f"{path}: n_embd = {n_embd} is not a multiple of n_head = {n_head}")
+    checks = {"n_inner": (field(hf, "n_inner", path, (int, type(None)), default=None), (None, 4 * n_embd)),
+              "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,))}
     for key, (value, allowed) in checks.items():
         if value not in allowed:
-            raise CheckpointError(f"{path}: {key} = {value!r} is not supported (expected {allowed[-1]!r})")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True, activation=act)
+            raise DataError(f"{path}: {key} = {value!r} is not supported (expected {allowed[-1]!r})")
+    return ModelConfig(vocab_size=field(hf, "vocab_size", path, check=POSITIVE),
+                       block_size=field(hf, "n_positions", path, check=POSITIVE),
+                       n_layer=field(hf, "n_layer", path, check=POSITIVE), n_head=n_head, n_embd=n_embd,
+                       dropout=0.0, bias=True, activation=act,
+                       tie_embeddings=field(hf, "tie_word_embeddings", path, (bool,), default=True),
+                       norm_eps=field(hf, "layer_norm_epsilon", path, (float,), EPS, default=1e-5))
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor a HF directory of shape `cfg` holds (GPT-2's without "transformer.")."""
+    from lm.plan import param_shapes
+
+    llama, out = family(cfg) == "llama", {}
+    head, kv = head_size(cfg), (cfg.n_kv_head or cfg.n_head) * head_size(cfg)
+    for key, shape in param_shapes(cfg):
+        if not llama:
+            conv1d = key.endswith(".weight") and len(shape) == 2 and key.startswith("transformer.h.")
+            out[key.removeprefix("transformer.")] = shape[::-1] if conv1d else shape
+        elif key == "lm_head.weight":
+            out[key] = shape
+        elif isinstance(names := hf_llama.hf_name(key), list):  # q, k, v stacked in our c_attn
+            for name, rows in zip(names, (cfg.n_head * head, kv, kv)):
+                out[name] = (rows, *shape[1:])
+        else:
+            out[names] = shape
+    return out
+
+
+def check_hf_header(directory: Path, cfg: ModelConfig):
+    """Every tensor `config.json` implies is in `model.safetensors` with its shape, read from the header
+    alone: a config promising more than the file holds is refused before a model is built."""
+    path = directory / "model.safetensors"
+    header = {k.removeprefix("transformer."): v for k, v in safetensors_header(path).items()}
+    if cfg.n_layer > len(header):  # each layer has tensors: checked before listing a billion names
+        raise DataError(f"{path}: holds {len(header)} tensors, too few for the n_layer = {cfg.n_layer} blocks "
+                        f"{directory / 'config.json'} gives")
+    for name, shape in hf_shapes(cfg).items():
+        if name not in header:
+            raise DataError(f"{path}: has no tensor '{name}', which {directory / 'config.json'} implies")
+        if tuple(header[name]["shape"]) != tuple(shape):
+            raise DataError(f"{path}: tensor '{name}' has shape {tuple(header[name]['shape'])}, "
+                            f"{directory / 'config.json'} implies {tuple(shape)}")
 
 
 SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "position", "mlp", "qk_norm",
-         "share_layers")
+         "share_layers", "tie_embeddings", "norm_eps")
+
+
+def hf_shape_keys(hf: ModelConfig) -> tuple[str, ...]:
+    """The model keys a HF directory fixes."""
+    return SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias")) + \
+        ("n_kv_head", "mlp_hidden", "head_dim")
 
 
 def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):
+    """The run's model must be the directory's: every differing key is named at once, with the value to set."""
     resolved = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size, "head_dim": head_size}
-    keys = SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias"))
+    keys = hf_shape_keys(hf)[:-3]
+    differ = []
     for key in keys + tuple(resolved):
         a, b = (resolved[key](m) if key in resolved else getattr(m, key) for m in (hf, ours))
         if a != b:
-            raise CheckpointError(f"hf:{directory}/config.json gives model.{key} = {a!r}, the config asks for {b!r}")
+            differ.append((key, a, b))
+    if differ:
+        gives = ", ".join(f"model.{k} = {_toml(a)}" for k, a, _ in differ)
+        asks = ", ".join(f"{_toml(b)}" for _, _, b in differ)
+        raise CheckpointError(f"hf:{directory}/config.json gives {gives}; the config asks for {asks}: set "
+                              f"{'them' if len(differ) > 1 else 'it'} to the directory's")
     if hf.mlp == "gelu" and not ours.bias:
         raise CheckpointError(f"hf:{directory}: GPT-2 weights have biases; set model.bias = true")
 
 
+def _toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def load_hf_weights(directory: Path, model: torch.nn.Module):
     """Copy a HF GPT-2 or Llama `model.safetensors` into our model (shapes checked tensor by tensor)."""
-    from safetensors.torch import load_file
-
     from lm.parallel import shard_like
 
     path = directory / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (only safetensors weights are read, never pickles)")
+    try:
+        check_hf_header(directory, model.cfg)
+        hf, _ = read_safetensors(path)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
     llama = family(model.cfg) == "llama"
-    hf = load_file(str(path))
     if not llama:
         hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
     for key, target in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and model.cfg.tie_embeddings:
             continue
-        names = hf_llama.hf_name(key) if llama else key.removeprefix("transformer.")
+        if key == "lm_head.weight":
+            names = key
+        else:
+            names = hf_llama.hf_name(key) if llama else key.removeprefix("transformer.")
         missing = [n for n in ([names] if isinstance(names, str) else names) if n not in hf]
         if missing:
             raise CheckpointError(f"{path}: has no tensor '{missing[0]}' (for our '{key}')")

@@ -6,8 +6,9 @@ order, rows). Our rotary layout is Llama's Hugging Face one ("rotate half"), so 
 """
 from __future__ import annotations
 
-from lm.attention import RMS_EPS
+from data_prep import DataError
 from lm.config import ModelConfig, head_size, mlp_hidden_size
+from lm.files import field
 
 # what a model needs to be a Llama; anything else stays with GPT-2's format or is refused (lm/hf.py)
 LLAMA_BLOCK = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "qk_norm": False}
@@ -22,11 +23,11 @@ def llama_config(cfg: ModelConfig, eos_id: int) -> dict:
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
         "intermediate_size": mlp_hidden_size(cfg), "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
-        "head_dim": head_size(cfg), "hidden_act": "silu", "rms_norm_eps": RMS_EPS,
+        "head_dim": head_size(cfg), "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         # both spellings: transformers 5 reads rope_parameters, older readers (vLLM, transformers 4) rope_theta
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
-        "initializer_range": 0.02, "use_cache": True, "tie_word_embeddings": True,
+        "initializer_range": 0.02, "use_cache": True, "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
     }
 
@@ -45,25 +46,37 @@ def hf_name(key: str) -> str | list[str]:
     return f"{prefix}.{_BLOCK_NAMES[module]}.{kind}"
 
 
-def read_llama_config(hf: dict, where: str) -> ModelConfig:
-    """Our model shape from a HF Llama `config.json` (already parsed), refusing what we cannot represent."""
-    from lm.checkpoint import CheckpointError
-
-    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
-    if hf.get("rope_scaling"):
-        rope = {**rope, "rope_type": hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type"))}
+def read_llama_config(hf: dict, path) -> ModelConfig:
+    """Our model shape from a HF Llama `config.json` (already parsed), refusing what we cannot represent in
+    one line naming the file and field."""
+    positive = (lambda v: v >= 1, "must be >= 1")
+    heads = field(hf, "num_attention_heads", path, check=positive)
+    hidden = field(hf, "hidden_size", path, check=positive)
+    kv = field(hf, "num_key_value_heads", path, (int, type(None)), default=None) or heads
+    if kv < 1 or heads % kv:
+        raise DataError(f"{path}: num_key_value_heads = {kv} does not divide num_attention_heads = {heads}")
+    head_dim = field(hf, "head_dim", path, (int, type(None)), default=None) or hidden // heads
+    if head_dim < 1:
+        raise DataError(f"{path}: head_dim = {head_dim} must be >= 1 (hidden_size / num_attention_heads)")
+    rope = field(hf, "rope_parameters", path, (dict, type(None)), default=None) or {
+        "rope_type": "default", "rope_theta": field(hf, "rope_theta", path, (float,), default=10000.0)}
+    scaling = field(hf, "rope_scaling", path, (dict, type(None)), default=None)
+    if scaling:
+        rope = {**rope, "rope_type": scaling.get("rope_type", scaling.get("type"))}
+    theta = field(rope, "rope_theta", f"{path}: rope_parameters", (float,), (lambda v: v > 0, "must be > 0"))
     checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-              "rms_norm_eps": (hf.get("rms_norm_eps", RMS_EPS), RMS_EPS),
               "rope type": (rope.get("rope_type", "default"), "default"),
-              "tie_word_embeddings": (hf.get("tie_word_embeddings", False), True),
               "mlp_bias": (hf.get("mlp_bias", False), hf.get("attention_bias", False))}
     for key, (value, wanted) in checks.items():
         if value != wanted:
-            raise CheckpointError(f"{where}: {key} = {value!r} is not supported (expected {wanted!r})")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                       n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=hidden,
-                       head_dim=0 if (hf.get("head_dim") or hidden // heads) * heads == hidden else hf["head_dim"],
-                       n_kv_head=hf.get("num_key_value_heads") or heads, mlp_hidden=hf["intermediate_size"],
-                       rope_theta=float(rope["rope_theta"]), bias=bool(hf.get("attention_bias", False)),
-                       dropout=0.0, **LLAMA_BLOCK)
+            raise DataError(f"{path}: {key} = {value!r} is not supported (expected {wanted!r})")
+    return ModelConfig(vocab_size=field(hf, "vocab_size", path, check=positive),
+                       block_size=field(hf, "max_position_embeddings", path, check=positive),
+                       n_layer=field(hf, "num_hidden_layers", path, check=positive), n_head=heads, n_embd=hidden,
+                       head_dim=0 if head_dim * heads == hidden else head_dim, n_kv_head=kv,
+                       mlp_hidden=field(hf, "intermediate_size", path, check=positive), rope_theta=float(theta),
+                       bias=field(hf, "attention_bias", path, (bool,), default=False), dropout=0.0,
+                       tie_embeddings=field(hf, "tie_word_embeddings", path, (bool,), default=False),
+                       norm_eps=field(hf, "rms_norm_eps", path, (float,), (lambda v: 0 < v < 1, "must be in (0, 1)"),
+                                      default=1e-6),
+                       **LLAMA_BLOCK)

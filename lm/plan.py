@@ -110,6 +110,8 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             linear(f"{p}.mlp.c_fc", h, hidden)
         linear(f"{p}.mlp.c_proj", hidden, h)
     norm("transformer.ln_f")
+    if not m.tie_embeddings:
+        shapes.append(("lm_head.weight", (m.vocab_size, h)))
     return shapes
 
 

@@ -25,7 +25,9 @@ import torch
 from data_prep import DataError, TokenReader, load_tokenizer
 from lm import checkpoint
 from lm.config import ModelConfig, head_size, mlp_hidden_size, to_toml
+from lm.files import check_destination, output_dir, save_safetensors
 from lm.model import GPT
+from lm.quantize import stored_state
 
 MASKS_FILE = "masks.safetensors"
 
@@ -60,16 +62,15 @@ class Masks:
 
     @classmethod
     def load(cls, path: Path) -> "Masks":
-        from safetensors.torch import load_file
+        from lm.files import expect_tensor, read_safetensors
 
         try:
-            return cls({k: v.bool() for k, v in load_file(str(path)).items()})
-        except Exception as e:
-            raise checkpoint.CheckpointError(f"{path}: unreadable pruning masks ({e})") from None
+            masks, _ = read_safetensors(path)
+            return cls({k: expect_tensor(masks, k, path, dtypes=(torch.uint8, torch.bool)).bool() for k in masks})
+        except DataError as e:
+            raise checkpoint.CheckpointError(f"{e} (pruning masks)") from None
 
     def save(self, path: Path):
-        from lm.export import save_safetensors
-
         save_safetensors({k: v.to(torch.uint8).contiguous() for k, v in self.masks.items()}, path, {"format": "pt"})
 
     @torch.no_grad()
@@ -173,7 +174,8 @@ def _rebuilt(cfg: ModelConfig, state: dict) -> GPT:
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict({k: v.contiguous().clone() for k, v in state.items()}, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both: tie them again
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # assign replaced both: tie them again
     return model.eval()
 
 
@@ -191,11 +193,9 @@ def validation_batches(ckpt: Path, data: str | None, count: int, batch_size: int
 
 # ---- the command --------------------------------------------------------------------------------------
 def write(out: Path, ckpt: Path, model: GPT, masks: Masks | None):
-    from lm.export import save_safetensors
-
     cfg = checkpoint.load_config(ckpt)
     cfg.model = dataclasses.replace(model.cfg, attention=cfg.model.attention, layernorm=cfg.model.layernorm)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in stored_state(model).items()}
     save_safetensors(state, out / "model.safetensors", metadata={"format": "pt", "lmforge_config": to_toml(cfg)})
     (out / "config.toml").write_text(to_toml(cfg))
     tokenizer = load_tokenizer(ckpt)
@@ -205,7 +205,7 @@ def write(out: Path, ckpt: Path, model: GPT, masks: Masks | None):
 
 
 def main(argv=None) -> int:
-    from lm.export import _fresh_dir, load
+    from lm.export import load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
@@ -216,10 +216,15 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="prepared data for importance (default: the run's data.dir)")
     p.add_argument("--batches", type=int, default=8, help="validation batches for importance")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_intermixed_args(argv)
     try:
         if not 0.0 <= args.sparsity < 1.0:
             raise checkpoint.CheckpointError(f"--sparsity {args.sparsity}: must be in [0, 1)")
+        for flag in ("batches", "batch_size"):
+            if getattr(args, flag) < 1:
+                raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+        check_destination(args.out, args.force, keep=[args.path])
         ckpt, model = load(args.path)
         if model.cfg.share_layers > 1 and args.method != "magnitude":
             raise checkpoint.CheckpointError("structured pruning of shared blocks (model.share_layers > 1) is not "
@@ -233,13 +238,10 @@ def main(argv=None) -> int:
             batches = validation_batches(ckpt, args.data, args.batches, args.batch_size, model.cfg.block_size)
             keep = keep_top(importance(model, batches, args.method), args.sparsity)
             model = (prune_heads if args.method == "heads" else prune_neurons)(model, keep)
-        out = _fresh_dir(args.out)
-        write(out, ckpt, model, masks)
+        with output_dir(args.out, args.force) as out:  # complete, or nothing
+            write(out, ckpt, model, masks)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {args.out}: cannot write ({e.strerror or e}: {e.filename})", file=sys.stderr)
         return 2
     if masks is not None:
         zeros = sum(int((~m).sum()) for m in masks.masks.values())

@@ -17,6 +17,11 @@ import warnings
 import torch
 import torch.nn as nn
 
+from data_prep import DataError
+from lm.files import expect_tensor
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
 
 class Int8Linear(nn.Module):
     """The fallback: int8 weights with per-row fp32 scales, fp32 activations (aten._weight_int8pack_mm)."""
@@ -90,14 +95,21 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
 
 
+# fp16 scales: at least its smallest normal (a zero or subnormal scale made an all-zero group 0 / 0, and
+# lost every value of a tiny one); at most its largest finite value, so |w| up to 7 x 65504.
+FP16_TINY, FP16_MAX = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+INT4_LIMIT = 7 * FP16_MAX
+
+
 def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 holding two 4-bit values per byte, fp16 scale per row and group); the columns are padded
     with zeros to a multiple of group_size. Values are in [-7, 7]: |error| <= scale / 2 (scale: group
-    max / 7, rounded to fp16 before use so the bound holds for the stored scale)."""
+    max / 7, rounded to fp16 before use so the bound holds for the stored scale). |w| must stay within
+    INT4_LIMIT (quantized_state checks it)."""
     rows, cols = w.shape
     padded = -(-cols // group_size) * group_size
     w = torch.nn.functional.pad(w.float(), (0, padded - cols)).view(rows, padded // group_size, group_size)
-    scale = (w.abs().amax(dim=2) / 7.0).clamp(min=1e-8).half()
+    scale = (w.abs().amax(dim=2) / 7.0).clamp(FP16_TINY, FP16_MAX).half()
     q = torch.round(w / scale.float()[..., None]).clamp(-7, 7).to(torch.int8).view(rows, padded)
     nibbles = (q + 8).to(torch.uint8)  # 1..15
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
@@ -112,32 +124,64 @@ def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, cols: int)
     return w.view(rows, -1)[:, :cols]
 
 
+def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a quantized checkpoint holds, in fp32: all but a head tied to the embedding (stored once)."""
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    return {k: v.detach().float() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
+def check_group_size(model: nn.Module, group_size: int):
+    """An int4 group must fit in every matrix's rows: a wider one would pad each row up to it (a 0.16 MB
+    model became 528 MB at 1,000,000)."""
+    if group_size < 2 or group_size % 2:
+        raise DataError(f"--group-size {group_size}: must be an even number >= 2")
+    name, width = min(((k, v.shape[1]) for k, v in stored_state(model).items() if v.dim() == 2),
+                      key=lambda kv: kv[1])
+    if group_size > width:
+        raise DataError(f"--group-size {group_size}: wider than {name}'s {width} input columns (the narrowest "
+                        f"matrix); use at most {width}, ideally a divisor of the widths")
+
+
 def quantized_state(model: nn.Module, bits: int, group_size: int = 64) -> dict[str, torch.Tensor]:
-    """The tensors of a quantized checkpoint (the tied head is stored once, as the embedding)."""
+    """The tensors of a quantized checkpoint (a tied head is stored once, as the embedding)."""
     out = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        value = value.detach().float()
+    for key, value in stored_state(model).items():
         if value.dim() != 2:
             out[key] = value.contiguous()
         elif bits == 8:
             out[f"{key}.int8"], out[f"{key}.scale"] = quantize_int8_rows(value)
         else:
+            top = float(value.abs().max())
+            if not top <= INT4_LIMIT:  # (NaN too) an infinite fp16 scale would dequantize to NaN
+                raise DataError(f"{key}: |w| reaches {top:.4g}, beyond int4's fp16 scales ({INT4_LIMIT:.4g}); "
+                                "quantize with --bits 8")
             out[f"{key}.int4"], out[f"{key}.scale"] = quantize_int4_groups(value, group_size)
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def dequantized_state(stored: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """fp32 tensors for a model whose state_dict has `shapes`, from quantized_state's tensors."""
+def dequantized_state(path, stored: dict[str, torch.Tensor], metadata: dict[str, str],
+                      shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """fp32 tensors for a model whose state_dict has `shapes`, from the tensors and metadata of quantized
+    checkpoint `path` (already read and checked finite): each tensor's presence, dtype and shape first."""
+    kind = metadata[QUANT_KEY]
+    if kind not in ("int8", "int4"):
+        raise DataError(f"{path}: {QUANT_KEY} = {kind!r}: expected int8 or int4 (written by lm.quantize)")
+    group = metadata.get("group_size", "")
+    if kind == "int4" and not (group.isdigit() and int(group) >= 2 and int(group) % 2 == 0):
+        raise DataError(f"{path}: metadata group_size = {group!r}: expected an even number >= 2")
     state = {}
     for key, shape in shapes.items():
-        if key in stored:
-            state[key] = stored[key]
-        elif f"{key}.int8" in stored:
-            state[key] = stored[f"{key}.int8"].float() * stored[f"{key}.scale"][:, None]
-        elif f"{key}.int4" in stored:
-            state[key] = dequantize_int4_groups(stored[f"{key}.int4"], stored[f"{key}.scale"], shape[1])
+        if key in stored or len(shape) != 2:  # vectors (and any matrix) stored as they are
+            state[key] = expect_tensor(stored, key, path, shape, FLOATS)
+        elif kind == "int8":
+            q = expect_tensor(stored, f"{key}.int8", path, shape, (torch.int8,))
+            scale = expect_tensor(stored, f"{key}.scale", path, shape[:1], (torch.float32,))
+            state[key] = q.float() * scale[:, None]
+        else:
+            groups = -(-shape[1] // int(group))
+            packed = expect_tensor(stored, f"{key}.int4", path, (shape[0], groups * int(group) // 2), (torch.uint8,))
+            scale = expect_tensor(stored, f"{key}.scale", path, (shape[0], groups), (torch.float16,))
+            state[key] = dequantize_int4_groups(packed, scale, shape[1])
     return state
 
 
@@ -147,10 +191,11 @@ def main(argv=None) -> int:
     import sys
     from pathlib import Path
 
-    from data_prep import DataError, load_tokenizer
+    from data_prep import load_tokenizer
     from lm import checkpoint
     from lm.config import to_toml
-    from lm.export import _fresh_dir, load, save_safetensors
+    from lm.export import load
+    from lm.files import check_destination, output_dir, save_safetensors
 
     p = argparse.ArgumentParser(description="Write a weight-only int8 or int4 copy of a checkpoint, for storage "
                                             "and serving (sample.py and lm.eval read it)")
@@ -158,29 +203,30 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
     p.add_argument("--group-size", type=int, default=64, help="int4: input columns per scale")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     try:
         if args.group_size < 2 or args.group_size % 2:
-            raise checkpoint.CheckpointError(f"--group-size {args.group_size}: must be an even number >= 2")
+            raise DataError(f"--group-size {args.group_size}: must be an even number >= 2")
+        check_destination(args.out, args.force, keep=[args.path])
         ckpt, model = load(args.path)
-        out = _fresh_dir(args.out)
+        if args.bits == 4:
+            check_group_size(model, args.group_size)
         cfg = checkpoint.load_config(ckpt)
         stored = quantized_state(model, args.bits, args.group_size)
-        save_safetensors(stored, out / "model.safetensors",
-                         metadata={"format": "pt", QUANT_KEY: f"int{args.bits}", "group_size": str(args.group_size),
-                                   "lmforge_config": to_toml(cfg)})
-        (out / "config.toml").write_text(to_toml(cfg))
-        tokenizer = load_tokenizer(ckpt)
-        shutil.copyfile(ckpt / tokenizer.file_name, out / tokenizer.file_name)
+        with output_dir(args.out, args.force) as out:
+            save_safetensors(stored, out / "model.safetensors",
+                             metadata={"format": "pt", QUANT_KEY: f"int{args.bits}",
+                                       "group_size": str(args.group_size), "lmforge_config": to_toml(cfg)})
+            (out / "config.toml").write_text(to_toml(cfg))
+            tokenizer = load_tokenizer(ckpt)
+            shutil.copyfile(ckpt / tokenizer.file_name, out / tokenizer.file_name)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {args.out}: cannot write ({e.strerror or e}: {e.filename})", file=sys.stderr)
-        return 2
-    fp32 = 4 * sum(v.numel() for k, v in model.state_dict().items() if k != "lm_head.weight")
-    size = (out / "model.safetensors").stat().st_size
-    print(f"wrote {out} (int{args.bits}) from {ckpt}: {size / 1e6:.2f} MB of weights, "
+    fp32 = 4 * sum(v.numel() for v in stored_state(model).values())
+    size = (args.out / "model.safetensors").stat().st_size
+    print(f"wrote {args.out} (int{args.bits}) from {ckpt}: {size / 1e6:.2f} MB of weights, "
           f"{fp32 / size:.2f}x smaller than fp32 ({fp32 / 1e6:.2f} MB)")
     return 0
 

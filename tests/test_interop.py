@@ -85,7 +85,7 @@ def test_safetensors_export_samples_like_the_checkpoint(cli, trained):
     args = ["--prompt", "the", "--max-new-tokens", "15", "--temperature", "0"]
     assert cli("sample.py", out, *args).stdout == cli("sample.py", trained / "run", *args).stdout
     r = cli("-m", "lm.export", trained / "run", "--format", "safetensors", out)
-    assert r.returncode == 2 and "not empty" in r.stderr  # nothing is overwritten
+    assert r.returncode == 2 and "already exists" in r.stderr  # nothing is overwritten
 
 
 def test_int8_logits_stay_close_to_fp32(trained):

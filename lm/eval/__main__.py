@@ -18,6 +18,7 @@ from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.config import ConfigError
 from lm.eval.spec import parse_tasks, split_task_list
+from lm.files import check_destination, write_file
 from lm.eval.tasks import load_task, run_task
 
 
@@ -32,8 +33,21 @@ def parse_args(argv):
                    help="perplexity: tokens a window advances by (default: half the model's context)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
+    p.add_argument("--out", type=Path, help="also write the results as JSON to this file (a new one)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
+
+
+def load_lm(path, device: torch.device):
+    """(checkpoint, model) of a language-model run: a classifier's scores are not next-token likelihoods."""
+    from lm.export import load
+
+    ckpt = checkpoint.resolve(path)
+    task = checkpoint.load_config(ckpt).train.task
+    if task != "lm":
+        raise checkpoint.CheckpointError(f"{ckpt}: a train.task = '{task}' run, not a language model; lm.eval "
+                                         "scores language models (classify texts with python -m lm.classify)")
+    return load(ckpt, device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,13 +77,13 @@ def evaluate(args) -> dict:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be >= 0")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.out:
+        check_destination(args.out, args.force, directory=False)  # before the evaluation, not after it
     specs = parse_tasks([t for group in args.tasks for t in split_task_list(group)])
     if not specs:
         raise ValueError("--tasks: no task given")
     device = pick_device(args.device)
-    from lm.export import load  # after the cheap checks: this builds the model
-
-    ckpt, model = load(args.path, device)
+    ckpt, model = load_lm(args.path, device)  # after the cheap checks: this builds the model
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(ckpt)
     block = model.cfg.block_size
@@ -91,12 +105,9 @@ def main(argv=None) -> int:
     try:
         report = evaluate(args)
         if args.out:
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            write_file(args.out, json.dumps(report, indent=2) + "\n", force=args.force)
     except (checkpoint.CheckpointError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # writing --out
-        print(f"error: {args.out}: cannot write the results ({e.strerror or e})", file=sys.stderr)
         return 2
     step = f" (step {report['step']})" if report["step"] is not None else ""
     print(f"{report['checkpoint']}{step}")

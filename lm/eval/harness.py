@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from data_prep import load_tokenizer
+from data_prep import DataError, load_tokenizer
 from lm.eval.scoring import continuation, default_stride, encode_pair, rolling, score
 from lm.generate import generate
 
@@ -29,25 +29,40 @@ except ImportError:  # main() says so in one line; importing this module stays h
     LM, register_model = object, None
 
 
+def _number(name: str, value, low: int, high: int | None = None) -> int:
+    """A whole-number model argument (lm-eval passes them as text) within [low, high]."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise DataError(f"lmforge: {name}={value!r}: expected a whole number") from None
+    if number < low or (high is not None and number > high):
+        raise DataError(f"lmforge: {name}={number}: must be >= {low}" + (f" and <= {high}" if high else ""))
+    return number
+
+
 class LMForge(LM):
     """`run`: a run, checkpoint or exported directory; `device` (default: CUDA if present), `batch_size`
     (windows per forward), `stride` (perplexity windows), `dtype` (float32 or bfloat16)."""
 
-    def __init__(self, run, device=None, batch_size=8, max_batch_size=None, stride=0, dtype="float32",
+    def __init__(self, run=None, device=None, batch_size=8, max_batch_size=None, stride=0, dtype="float32",
                  max_gen_toks=256, seed=1234):
         super().__init__()
-        from lm.export import load
+        from lm.eval.__main__ import load_lm
 
+        if not run:
+            raise DataError("lmforge: no run given; pass --model_args run=RUN (a run, checkpoint or exported "
+                            "directory)")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"lmforge: dtype={dtype!r}; choose float32 or bfloat16")
-        ckpt, model = load(str(run), self._device)
+            raise DataError(f"lmforge: dtype={dtype!r}; choose float32 or bfloat16")
+        ckpt, model = load_lm(str(run), self._device)
         self.model = model.to(device=self._device, dtype=getattr(torch, dtype))
         self.tokenizer = load_tokenizer(ckpt)
         self.block_size = self.model.cfg.block_size
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 8  # "auto": 8
-        self.stride = int(stride) or default_stride(self.block_size)
-        self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
+        auto = str(batch_size).startswith("auto")  # lm-eval's "auto[:N]" batch search: 8 here
+        self.batch_size = 8 if auto else _number("batch_size", batch_size, 1)
+        self.stride = _number("stride", stride, 0, self.block_size) or default_stride(self.block_size)
+        self.max_gen_toks, self.seed = _number("max_gen_toks", max_gen_toks, 1), _number("seed", seed, 0)
         self.checkpoint = ckpt
 
     @property
@@ -132,6 +147,9 @@ class LMForge(LM):
 
 
 if register_model is not None and __name__ != "__main__":  # (run as a script, main() imports this module)
+    # lm-eval imports its own models only into an empty registry: registering ours first would hide them
+    import lm_eval.models  # noqa: F401
+
     register_model("lmforge")(LMForge)
 
 
@@ -143,10 +161,16 @@ def main(argv=None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import lm.eval.harness  # noqa: F401  registers "lmforge" (this file may be running as __main__)
-    from data_prep import DataError
     from lm.checkpoint import CheckpointError
 
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    lmforge = "--model=lmforge" in argv or any(a == "--model" and b == "lmforge" for a, b in zip(argv, argv[1:]))
+    if lmforge and "--model_args" not in flags:  # checked before lm-eval spends ~20 s indexing its tasks
+        print("error: --model lmforge needs --model_args run=RUN (a run, checkpoint or exported directory)",
+              file=sys.stderr)
+        return 2
+    sys.argv = ["lm_eval", *argv]
     try:
         cli_evaluate()
     except (CheckpointError, DataError) as e:  # the run given in --model_args
