@@ -174,11 +174,29 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(directory: Path) -> tuple[Path, list[Path]]:
+    """(what to name in messages, the files): `model.safetensors`, or the shards `model.safetensors.index.json`
+    maps tensors to (transformers' layout for larger models, Llama 3 8B's)."""
+    single, index = directory / "model.safetensors", directory / INDEX
+    if single.is_file() or not index.is_file():
+        return single, [single]  # (a missing file is named by the reader)
+    weight_map = field(read_json(index), "weight_map", index, (dict,))
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(f"{index}: weight_map names {name!r}, not a file beside it")
+    return index, [directory / name for name in names]
+
+
 def check_hf_header(directory: Path, cfg: ModelConfig):
-    """Every tensor `config.json` implies is in `model.safetensors` with its shape, read from the header
-    alone: a config promising more than the file holds is refused before a model is built."""
-    path = directory / "model.safetensors"
-    header = {k.removeprefix("transformer."): v for k, v in safetensors_header(path).items()}
+    """Every tensor `config.json` implies is in the weights with its shape, read from the headers alone: a
+    config promising more than the files hold is refused before a model is built."""
+    path, paths = weight_files(directory)
+    header = {k.removeprefix("transformer."): v for p in paths for k, v in safetensors_header(p).items()
+              if k != "__metadata__"}
     if cfg.n_layer > len(header):  # each layer has tensors: checked before listing a billion names
         raise DataError(f"{path}: holds {len(header)} tensors, too few for the n_layer = {cfg.n_layer} blocks "
                         f"{directory / 'config.json'} gives")
@@ -194,19 +212,19 @@ SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "pos
          "share_layers", "tie_embeddings", "norm_eps")
 
 
+RESOLVED = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size, "head_dim": head_size}
+
+
 def hf_shape_keys(hf: ModelConfig) -> tuple[str, ...]:
-    """The model keys a HF directory fixes."""
-    return SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias")) + \
-        ("n_kv_head", "mlp_hidden", "head_dim")
+    """The model keys a HF directory fixes (init.from takes them, lm/initialize.py)."""
+    return SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias")) + tuple(RESOLVED)
 
 
 def check_hf_shape(directory: Path, hf: ModelConfig, ours: ModelConfig):
     """The run's model must be the directory's: every differing key is named at once, with the value to set."""
-    resolved = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hidden_size, "head_dim": head_size}
-    keys = hf_shape_keys(hf)[:-3]
     differ = []
-    for key in keys + tuple(resolved):
-        a, b = (resolved[key](m) if key in resolved else getattr(m, key) for m in (hf, ours))
+    for key in hf_shape_keys(hf):
+        a, b = (RESOLVED[key](m) if key in RESOLVED else getattr(m, key) for m in (hf, ours))
         if a != b:
             differ.append((key, a, b))
     if differ:
@@ -223,13 +241,14 @@ def _toml(value) -> str:
 
 
 def load_hf_weights(directory: Path, model: torch.nn.Module):
-    """Copy a HF GPT-2 or Llama `model.safetensors` into our model (shapes checked tensor by tensor)."""
+    """Copy a HF GPT-2 or Llama `model.safetensors` (or its shards) into our model (shapes checked tensor by
+    tensor)."""
     from lm.parallel import shard_like
 
-    path = directory / "model.safetensors"
     try:
         check_hf_header(directory, model.cfg)
-        hf, _ = read_safetensors(path)
+        path, paths = weight_files(directory)
+        hf = {k: v for p in paths for k, v in read_safetensors(p)[0].items()}
     except DataError as e:
         raise CheckpointError(str(e)) from None
     llama = family(model.cfg) == "llama"

@@ -397,6 +397,31 @@ def test_a_llama3_layout_imports_from_transformers_with_equal_logits_and_exports
         assert torch.equal(reread.state_dict()[key], value), key
 
 
+def test_a_sharded_llama3_directory_imports_and_a_bad_index_is_one_line(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lm.hf import read_hf_config
+
+    torch.manual_seed(0)
+    theirs = LlamaForCausalLM(LlamaConfig(**LLAMA3)).eval()
+    theirs.save_pretrained(tmp_path / "shards", max_shard_size="20KB")  # as Llama 3 8B ships: several files
+    assert not (tmp_path / "shards" / "model.safetensors").exists()
+    ours = load_hf(tmp_path / "shards", read_hf_config(tmp_path / "shards")).eval()
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[0], theirs(x).logits, atol=1e-5)
+    index = tmp_path / "shards" / "model.safetensors.index.json"
+    saved = index.read_text()
+    index.write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}))
+    with pytest.raises(USER_ERRORS, match="not a file beside it"):
+        read_hf_config(tmp_path / "shards")
+    index.write_text(saved)
+    first = sorted((tmp_path / "shards").glob("model-*.safetensors"))[0]
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(USER_ERRORS, match=f"{first.name}: .*truncated"):
+        read_hf_config(tmp_path / "shards")
+
+
 def test_untied_embeddings_and_norm_eps_survive_our_own_checkpoints_and_exports(run, tmp_path, capsys):
     from lm.export import load
 
@@ -414,8 +439,13 @@ def test_untied_embeddings_and_norm_eps_survive_our_own_checkpoints_and_exports(
             assert back.lm_head.weight is not back.transformer.wte.weight and back.cfg.norm_eps == 1e-6
     x = torch.randint(0, model.cfg.vocab_size, (1, 8))
     _, exported = load(tmp_path / "export-safetensors")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export-hf").eval()  # GPT-2's block, its own head
+    assert not hf.config.tie_word_embeddings and hf.config.layer_norm_epsilon == 1e-6
     with torch.no_grad():
         assert torch.equal(exported(x)[0], model(x)[0])
+        assert torch.allclose(hf(x).logits, model(x)[0], atol=1e-5)
 
 
 def test_a_tied_hf_checkpoint_does_not_fit_an_untied_config(tmp_path):
@@ -566,3 +596,16 @@ def test_consolidate_usage_is_one_line(cli):
     from tests.conftest import assert_user_error
 
     assert_user_error(cli("-m", "lm.consolidate", "only-one-argument"), "usage: python -m lm.consolidate")
+
+
+def test_harness_names_a_missing_extra_of_lm_evals_models_in_one_line(capsys, monkeypatch):
+    import lm_eval.__main__
+
+    from lm.eval import harness
+
+    def needs_accelerate():
+        raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", needs_accelerate)
+    one_line(capsys, harness.main, "--model", "hf", "--model_args", "pretrained=x", "--tasks", "t",
+             fragments=["accelerate", "pip install accelerate"])

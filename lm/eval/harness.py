@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError) as e:  # the run given in --model_args
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # lm-eval's own models import their extras late (hf: accelerate)
+        print(f"error: the model needs {e.name}, which is not installed (pip install {e.name})", file=sys.stderr)
+        return 2
     return 0
 
 
