@@ -11,6 +11,7 @@ from .cleaning import NORMAL_FORMS, CleanConfig
 from .dedup import MinHashConfig
 from .errors import DataError
 from .plan import DEDUP_MODES, LEAKAGE_MODES
+from .remote import close_sessions
 from .prepare import DEFAULT_SAMPLE_BYTES, MANIFEST_FILE, prepare, prepare_tokenizer
 from .tasks import STAGES, merge, task_from_environment
 from .shards import DEFAULT_SHARD_TOKENS, TokenReader, read_meta
@@ -28,7 +29,7 @@ def _cmd_tokenizer(args) -> None:
                              val_fraction=args.val_fraction, exclude=args.exclude, text_field=args.text_field,
                              seed=args.seed, clean=_clean_config(args), special_tokens=args.special_tokens,
                              tokenizer_sample_bytes=args.tokenizer_sample_bytes or None, strict=args.strict,
-                             show_progress=not args.quiet)
+                             show_progress=not args.quiet, overwrite=args.overwrite)
     print(f"trained {path} (pass --tokenizer-from {args.out} to every task's prepare)")
 
 
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--no-clean", "--strict", "--quiet"):
         action = next(a for a in pp._actions if flag in a.option_strings)
         pt._add_action(action)
+    pt.add_argument("--overwrite", action="store_true", help="replace a tokenizer file already in --out")
     pt.set_defaults(func=_cmd_tokenizer)
 
     pm = sub.add_parser("merge", help="publish the dataset of finished tasks (prepare --tasks N)")
@@ -177,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk: one line too (prepare keeps its progress for a rerun)
+        where = e.filename or getattr(args, "out", None) or getattr(args, "dir", "")
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        close_sessions()
     return 0
 
 

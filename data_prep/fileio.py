@@ -43,7 +43,7 @@ def new_hash(algo: str):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to `<path>.tmp` then rename, so readers see either the old file or the complete new one; a
-    failed write (a full disk) removes the temporary file and is one DataError naming the path."""
+    failed write (a full disk) removes the temporary file and raises an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -54,7 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return path
 
 

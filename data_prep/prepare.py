@@ -168,19 +168,23 @@ def prepare_tokenizer(inputs: Iterable[str], out_dir: str | os.PathLike, *, toke
                       vocab_size: int = 8192, val_fraction: float = 0.1, exclude: Iterable[str] = (),
                       text_field: str = "text", seed: int = 1337, clean: CleanConfig | None = CleanConfig(),
                       special_tokens: Sequence[str] = (), tokenizer_sample_bytes: int | None = DEFAULT_SAMPLE_BYTES,
-                      strict: bool = False, show_progress: bool = True) -> Path:
+                      strict: bool = False, show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train the tokenizer `prepare` would train on these inputs and settings, into `out_dir` (for
-    `prepare --tokenizer-from`: the one tokenizer many tasks share). Returns the tokenizer file."""
+    `prepare --tokenizer-from`: the one tokenizer many tasks share). Returns the tokenizer file. A tokenizer
+    file already in `out_dir` is replaced only with `overwrite`."""
     if tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"unknown tokenizer kind {tokenizer!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
     check_settings(vocab_size, val_fraction, tokenizer_sample_bytes)
+    out = Path(out_dir)
+    existing = [out / name for name in tokenizer_classes() if (out / name).exists()]
+    if existing and not overwrite:  # checked before training: it can take long
+        raise DataError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
     clean_cfg = clean if clean is not None else CleanConfig(normalize=None, strip_control=False, min_chars=1)
     config = {"inputs": list(inputs), "files": list_files(inputs, exclude), "text_field": text_field, "strict": strict,
               "sample_bytes": tokenizer_sample_bytes, "seed": seed, "val_fraction": val_fraction,
               "tokenizer": tokenizer, "vocab_size": vocab_size, "special_tokens": list(special_tokens)}
     texts, _ = _sample(config, clean_cfg, show_progress, alphabet=tokenizer == "char")
     tok = train_tokenizer(tokenizer, texts, vocab_size, list(special_tokens), show_progress)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return tok.save(out)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from types import SimpleNamespace
 
 from .errors import DataError
@@ -71,20 +73,18 @@ def list_url(spec: str) -> list[RemoteFile]:
     fs, path = _filesystem(spec)
     protocol = spec.split("://", 1)[0].lower()
     http = protocol in ("http", "https")
-    try:
-        if not http and any(c in path for c in "*?["):  # HTTP cannot list; "?" starts its query
-            paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif not http and fs.isdir(path):
-            paths = fs.find(path)
-        else:
-            paths = [path]
-        infos = [(p, fs.info(p)) for p in paths]
-    except FileNotFoundError:
-        raise DataError(f"{spec}: no such file or directory") from None
-    except OSError as e:
-        raise DataError(f"{spec}: cannot list ({e})") from None
-    except Exception as e:  # fsspec backends raise their own client errors (aiohttp, botocore)
-        raise DataError(f"{spec}: cannot list ({type(e).__name__}: {e})") from None
+    for k in range(RETRIES + 1):
+        try:
+            if not http and any(c in path for c in "*?["):  # HTTP cannot list; "?" starts its query
+                paths = [p for p in fs.glob(path) if fs.isfile(p)]
+            elif not http and fs.isdir(path):
+                paths = fs.find(path)
+            else:
+                paths = [path]
+            infos = [(p, fs.info(p)) for p in paths]
+            break
+        except Exception as e:  # fsspec backends raise their own client errors (aiohttp, botocore)
+            _give_up_unless_transient(spec, e, "listing", k, RETRIES)
     if not infos:
         raise DataError(f"{spec}: pattern matches no files")
     files = []
@@ -148,17 +148,12 @@ class RetryingStream(io.RawIOBase):
         for k in range(self._retries + 1):
             try:
                 return action()
-            except FileNotFoundError:
-                raise DataError(f"{self.url}: no such file") from None
             except DataError:
                 raise
             except (ValueError, TypeError) as e:  # a misuse, not a network failure: retrying cannot help
                 raise DataError(f"{self.url}: {what} failed ({type(e).__name__}: {e})") from None
             except Exception as e:  # network errors come as OSError, aiohttp's, botocore's ...
-                if k == self._retries:
-                    raise DataError(f"{self.url}: {what} failed after {self._retries} retries "
-                                    f"({type(e).__name__}: {e})") from None
-                time.sleep(BACKOFF_S * 2 ** k)
+                _give_up_unless_transient(self.url, e, what, k, self._retries)
                 if reopen:
                     self._reopen()
 
@@ -182,6 +177,53 @@ class RetryingStream(io.RawIOBase):
                         left -= got
         except Exception:
             self._file = _Broken()  # the next attempt fails and counts as a retry
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status behind an error: fsspec reports any failed HEAD or GET as FileNotFoundError, raised
+    from aiohttp's error, which has it."""
+    while e is not None:
+        if isinstance(getattr(e, "status", None), int):
+            return e.status
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _give_up_unless_transient(url: str, e: Exception, what: str, attempt: int, retries: int) -> None:
+    """Return after the pause before the next try when `e` may pass (5xx, 408, 429, a network error);
+    else, or after the last try, raise one DataError naming the URL and the status."""
+    status = _status(e)
+    if status is None and isinstance(e, (ValueError, TypeError, PermissionError)):  # retrying cannot help
+        raise DataError(f"{url}: {what} failed ({type(e).__name__}: {e})") from None
+    if status in (404, 410) or (status is None and isinstance(e, FileNotFoundError) and e.__cause__ is None):
+        raise DataError(f"{url}: no such file or directory") from None
+    if status is not None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        problem = f"HTTP {status} {reason}".strip()
+        if status < 500 and status not in (408, 429):
+            raise DataError(f"{url}: {what} failed ({problem})") from None
+    else:
+        cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
+        problem = f"{type(cause).__name__}: {cause}".strip().rstrip(":")
+    if attempt == retries:
+        raise DataError(f"{url}: {what} failed after {retries} retries ({problem})") from None
+    time.sleep(BACKOFF_S * 2 ** attempt)
+
+
+def close_sessions() -> None:
+    """Close the HTTP sessions fsspec keeps for reuse: left to the interpreter's exit, aiohttp prints
+    "Unclosed client session" / "Unclosed connection" after our own last line."""
+    if "fsspec" not in sys.modules:
+        return
+    from fsspec.implementations.http import HTTPFileSystem
+    for fs in list(HTTPFileSystem._cache.values()):
+        session = getattr(fs, "_session", None)
+        if session is not None and not session.closed:
+            HTTPFileSystem.close_session(fs.loop, session)
+            fs._session = None
+
 
 class _Broken:
     def __getattr__(self, name):

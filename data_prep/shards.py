@@ -126,7 +126,10 @@ class ShardWriter:
             self._offsets.append(self._tokens)
             self._in_document = True
         data = (np.concatenate([ids.astype(self.dtype), self.eos]) if end else ids.astype(self.dtype)).tobytes()
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:  # a full disk: name the file (abort() then removes it)
+            raise OSError(e.errno, e.strerror, str(self._bin_tmp)) from None
         self._hash.update(data)
         self._crc.update(data)
         self._tokens += ids.size + int(end)
@@ -150,7 +153,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Close without publishing the partial shard (used when preparation fails)."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # flushing on a full disk fails again: the file goes anyway
+                pass
             self._bin_tmp.unlink(missing_ok=True)
             self._file = None
         self._closed = True

@@ -352,3 +352,127 @@ def test_the_sign_stage_holds_a_few_dozen_bytes_per_document(small_src, tmp_path
         prepare([str(src)], tmp_path / "out", tokenizer_dir=small_src[1], show_progress=False, tasks=2, task=k,
                 stage="match")
     assert (tasks_root(tmp_path / "out") / "task-00000" / "match.done").is_file()
+
+
+# ---------------------------------------------------------------- remote inputs: transient server errors
+
+class _FlakyServer:
+    """A local HTTP server: `fail[name]` lists the statuses the next requests for `name` get, then 200."""
+
+    def __init__(self, files):
+        import http.server
+        import threading
+        server = self
+        self.files, self.fail, self.requests = files, {}, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool):
+                name = self.path.lstrip("/")
+                server.requests.append((self.command, name))
+                queue = server.fail.get(name) or []
+                status = queue.pop(0) if queue else (200 if name in server.files else 404)
+                data = server.files.get(name, b"") if status == 200 else b"error page"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self._answer(False)
+
+            def do_GET(self):
+                self._answer(True)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def flaky():
+    pytest.importorskip("aiohttp")
+    server = _FlakyServer({"a.txt": b"some text of a remote file\n" * 100, "b.jsonl": b'{"text": "x y z"}\n' * 50})
+    yield server
+    server.httpd.shutdown()
+
+
+def _cli_with_fast_retries(*args):
+    script = ("import sys, data_prep.remote as r; r.BACKOFF_S = 0.01; from data_prep.__main__ import main; "
+              f"sys.exit(main({[str(a) for a in args]!r}))")
+    return run_cli("-c", script, timeout=120)
+
+
+def test_an_http_500_is_retried_then_one_line_naming_url_and_status(flaky, tmp_path):
+    url = f"{flaky.url}/a.txt"
+    flaky.fail["a.txt"] = [500] * 100
+    result = _cli_with_fast_retries("prepare", url, "--out", tmp_path / "out", "--quiet", "--tokenizer", "char")
+    assert_user_error(result, url, "HTTP 500")
+    assert "no such file" not in result.stderr
+    assert len(flaky.requests) > 3  # retried
+    after = result.stderr[result.stderr.index("error: "):]
+    assert after.strip().count("\n") == 0, after  # nothing (aiohttp's "Unclosed connection") after the error line
+
+
+def test_transient_5xx_then_success_prepares_and_a_404_is_no_such_file(flaky, tmp_path, monkeypatch):
+    import data_prep.remote as remote
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    flaky.fail["a.txt"] = [503, 502]  # the listing's HEAD and its retry fail, then it works
+    flaky.fail["b.jsonl"] = [200, 500]  # listed fine, the first GET of the content fails
+    meta = prepare([f"{flaky.url}/a.txt", f"{flaky.url}/b.jsonl"], tmp_path / "out", tokenizer="char",
+                   show_progress=False, val_fraction=0)
+    assert meta["source"]["files"] == 2
+    result = _cli_with_fast_retries("prepare", f"{flaky.url}/missing.txt", "--out", tmp_path / "o2", "--quiet")
+    assert_user_error(result, f"{flaky.url}/missing.txt: no such file")
+    assert len([r for r in flaky.requests if r[1] == "missing.txt"]) <= 2  # a 404 is not retried
+
+
+def test_a_stream_failing_mid_read_does_not_leave_unclosed_session_warnings(flaky, tmp_path):
+    url = f"{flaky.url}/a.txt"
+    flaky.fail["a.txt"] = [200] + [500] * 100  # listed, then every GET fails
+    result = _cli_with_fast_retries("prepare", url, "--out", tmp_path / "out", "--quiet", "--tokenizer", "char")
+    assert_user_error(result, url, "HTTP 500")
+    assert "Unclosed" not in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- writes: full disk, nothing overwritten
+
+def _cli_with_file_size_limit(limit, *args):
+    """The data_prep CLI where no file may grow past `limit` bytes: writes fail as on a full disk (EFBIG)."""
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+              "from data_prep.__main__ import main; "
+              f"sys.exit(main({[str(a) for a in args]!r}))")
+    return run_cli("-c", script, timeout=300)
+
+
+@pytest.mark.parametrize("limit", [200, 8000])
+def test_a_full_disk_is_one_line_and_publishes_nothing(tiny_corpus, tmp_path, limit):
+    out = tmp_path / "out"
+    result = _cli_with_file_size_limit(limit, "prepare", tiny_corpus, "--out", out, "--quiet", "--tokenizer", "char",
+                                       "--shard-tokens", "50000")
+    assert_user_error(result, str(tmp_path))
+    assert not out.exists()
+    assert not list(tmp_path.rglob("*.tmp"))  # no torn temporary file either
+
+
+def test_a_full_disk_while_saving_a_tokenizer_leaves_no_partial_file(tiny_corpus, tmp_path):
+    result = _cli_with_file_size_limit(1000, "tokenizer", tiny_corpus, "--out", tmp_path / "tok", "--quiet",
+                                       "--vocab-size", "300")
+    assert_user_error(result, "tokenizer.json")
+    assert not list((tmp_path / "tok").iterdir())
+
+
+def test_the_tokenizer_command_does_not_overwrite_an_existing_tokenizer(tiny_corpus, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("mine")
+    result = run_cli("-m", "data_prep", "tokenizer", tiny_corpus, "--out", tmp_path / "tok", "--quiet",
+                     "--vocab-size", "300")
+    assert_user_error(result, "tokenizer.json", "--overwrite")
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == "mine"
+    result = run_cli("-m", "data_prep", "tokenizer", tiny_corpus, "--out", tmp_path / "tok", "--quiet",
+                     "--vocab-size", "300", "--overwrite")
+    assert result.returncode == 0, result.stderr
