@@ -478,6 +478,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         values["model"] = {**PRESETS[preset], **values["model"]}
     cfg = _build(values)
     validate(cfg, str(path) if path is not None else "config", origins)
+    # the keys the file, its preset or an override set (not defaults): init.from fills in the others
+    cfg.given = frozenset(f"{section}.{key}" for section, keys in values.items() for key in keys)
     return cfg
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lm import checkpoint
-from lm.config import Config
+from lm.config import Config, ConfigError
 from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
 
 
@@ -27,6 +27,33 @@ def old_domain(source: str) -> str | None:
     if not (directory / "meta.json").is_file() or "val" not in read_meta(directory)["splits"]:
         return None
     return str(directory)
+
+
+def adopt_shape(cfg: Config):
+    """init.from gives the model its shape: every shape key the config leaves at its default takes the
+    source's value, and the keys the config sets must agree, all differences named at once."""
+    source = cfg.init.from_
+    if not source:
+        return
+    if source.startswith("hf:"):
+        from lm.hf import hf_shape_keys
+
+        theirs, where = read_hf_config(Path(source[3:])), f"{source}/config.json"
+        keys = hf_shape_keys(theirs)
+    else:
+        ckpt = checkpoint.resolve(source)
+        theirs, where, keys = checkpoint.load_config(ckpt).model, str(ckpt), checkpoint.SHAPE_KEYS
+    given = getattr(cfg, "given", frozenset())
+    ours, differ = cfg.model, []
+    for key in keys:
+        value = checkpoint.RESOLVED.get(key, lambda m: getattr(m, key))
+        if f"model.{key}" not in given and hasattr(ours, key):
+            setattr(ours, key, getattr(theirs, key))
+        elif value(theirs) != value(ours):
+            differ.append(f"model.{key} = {value(ours)!r} ({value(theirs)!r} there)")
+    if differ:
+        raise ConfigError(f"init.from = {source}: the config asks for another shape than {where}: "
+                          f"{', '.join(differ)}; leave these keys out to take the source's shape")
 
 
 def load_initial_weights(source: str, model: torch.nn.Module, optimizer, cfg: Config, rank: int):

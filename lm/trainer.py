@@ -26,6 +26,7 @@ from lm.config import Config, ConfigError, to_toml
 from lm.data import SampleStream
 from lm.ewc import EWC, EWC_FILE, estimate_fisher
 from lm.freeze import Freezing
+from lm.initialize import adopt_shape
 from lm.metrics import MetricsLog, peak_flops
 from lm.objectives import build_objective, objective_class
 from lm.optim import LRSchedule, build_optimizer
@@ -51,6 +52,7 @@ class Trainer:
         """`resume`: continue from the newest checkpoint in train.out_dir; `last_good`: if the newest is
         damaged, from the newest intact one."""
         objective_class(cfg).check_combinations(cfg)
+        adopt_shape(cfg)  # init.from's shape, unless the config asks for another (refused)
         self._join(cfg)
         # the objective: the data, batches, loss and validation (lm/objectives/); it records in cfg.model what
         # the model computes with (the vocabulary, document masks)

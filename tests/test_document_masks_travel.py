@@ -2,7 +2,7 @@
 generation, evaluation and every loader compute what training computed."""
 import torch
 
-from lm.config import ModelConfig, load_config
+from lm.config import ModelConfig, load_config, to_toml
 from lm.generate import generate
 from lm.model import GPT
 
@@ -41,3 +41,24 @@ def test_cached_generation_equals_the_masked_forward_across_documents():
 def test_a_training_run_records_the_mask_in_its_config():
     cfg = load_config(None, ["data.document_mask=true"])
     assert cfg.model.document_eos == -1  # set by the trainer from the data's EOS, not by hand
+
+
+def test_init_from_gives_the_shape_and_names_every_difference_at_once(tmp_path):
+    import pytest
+
+    from lm.config import ConfigError
+    from lm.initialize import adopt_shape
+
+    run = tmp_path / "run"
+    ckpt = run / "ckpt" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.toml").write_text(to_toml(load_config(None, ["model.n_layer=3", "model.n_embd=48",
+                                                               "model.n_head=3", "model.block_size=24",
+                                                               "model.vocab_size=40"])))
+    (ckpt / "checkpoint.json").write_text("{}")
+    cfg = load_config(None, [f"init.from={ckpt}"])
+    adopt_shape(cfg)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.block_size) == (3, 48, 3, 24)
+    cfg = load_config(None, [f"init.from={ckpt}", "model.n_layer=2", "model.block_size=32", "model.n_embd=48"])
+    with pytest.raises(ConfigError, match=r"model.block_size = 32 \(24 there\), model.n_layer = 2 \(3 there\)"):
+        adopt_shape(cfg)
