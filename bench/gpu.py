@@ -2,7 +2,12 @@
 speed, end-to-end training speed, a ~1.3B run through torchrun, and loss curves of our kernels vs PyTorch's.
 
     PYTHONPATH=. python bench/gpu.py [--out bench/results/gpu.json] [--only STAGE,...]
+    python bench/gpu.py --plan [--compile-table bench/results/compile.json]   # estimated seconds per stage
     python bench/gpu.py --smoke [--out PATH]     # every stage at toy sizes on the CPU (about 2 minutes)
+
+The first stage compiles every Triton kernel the others launch, in parallel on all cores, into Triton's
+cache, and every stage process shares autotune results (TRITON_CACHE_AUTOTUNING=1), so the window is
+spent measuring; `--plan` prints each stage's estimated seconds from bench/compile.py's table.
 
 Each stage runs as its own process (`bench/gpu.py --stage NAME --out JSON`) under a time budget: one that
 runs long (or hangs compiling) is cut and reported as "cut after N s", one that crashes is reported with
@@ -32,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # lm/, kernels/, data_prep/ and bench/_gpu/
 
+from _gpu import compile_stage as cs  # noqa: E402
 from _gpu import kernel_stages as ks  # noqa: E402
 from _gpu import training_stages as ts  # noqa: E402
 from _gpu.measure import Ctx, Skip, child_env, kill_tree, last_line, short_error  # noqa: E402
@@ -46,18 +52,22 @@ class Stage:
     smoke_budget_s: int  # on --smoke, CPU
     run: Callable[[Ctx], Iterable[dict]]
     title: str
+    est_s: int = 0  # --plan: its measurements on an H100 with every kernel already compiled (an estimate)
 
 
 STAGES = [
-    Stage("env", 15, 30, ks.env, "environment; measured bf16 matmul and device-copy ceilings"),
-    Stage("data", 40, 40, ts.data, "quickstart data (Python stdlib) prepared into the scratch dir"),
-    Stage("kernel_check", 80, 60, ks.kernel_check, "our attention and LayerNorm vs fp64 references"),
-    Stage("attention_speed", 60, 40, ks.attention_speed, "attention TFLOP/s: ours vs SDPA flash / cuDNN"),
-    Stage("layernorm_speed", 40, 40, ks.layernorm_speed, "LayerNorm GB/s: ours vs F.layer_norm / compiled"),
-    Stage("e2e_eager", 40, 40, ts.e2e_eager, "gpt2-124m training tokens/s and MFU, eager"),
-    Stage("e2e_compiled", 70, 60, ts.e2e_compiled, "gpt2-124m training tokens/s and MFU, parallel.compile"),
-    Stage("train_1p3b", 60, 60, ts.train_1p3b, "1.3B shape through torchrun train.py vs the planner"),
-    Stage("quickstart_200", 40, 60, ts.quickstart_200, "quickstart 200 steps: triton vs sdpa loss curves"),
+    Stage("compile", 45, 90, cs.precompile, "every Triton kernel the stages launch, compiled in parallel", 0),
+    Stage("env", 15, 30, ks.env, "environment; measured bf16 matmul and device-copy ceilings", 8),
+    Stage("data", 40, 40, ts.data, "quickstart data (Python stdlib) prepared into the scratch dir", 30),
+    Stage("kernel_check", 55, 90, ks.kernel_check, "attention (GQA, documents, dropout first) and norms vs fp64",
+          25),
+    Stage("attention_speed", 60, 40, ks.attention_speed, "attention TFLOP/s: ours vs SDPA flash / cuDNN; GQA, docs",
+          40),
+    Stage("layernorm_speed", 30, 40, ks.layernorm_speed, "LayerNorm GB/s: ours vs F.layer_norm / compiled", 20),
+    Stage("e2e_eager", 40, 40, ts.e2e_eager, "gpt2-124m training tokens/s and MFU, eager", 30),
+    Stage("e2e_compiled", 65, 60, ts.e2e_compiled, "gpt2-124m training tokens/s and MFU, parallel.compile", 55),
+    Stage("train_1p3b", 55, 60, ts.train_1p3b, "1.3B shape through torchrun train.py vs the planner", 45),
+    Stage("quickstart_200", 40, 60, ts.quickstart_200, "quickstart 200 steps: triton vs sdpa loss curves", 35),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 assert sum(s.budget_s for s in STAGES) < 450, "stage budgets must leave the 8-minute run some slack"
@@ -163,6 +173,75 @@ def run_all(args) -> int:
     return 0 if all(r["status"] == "ok" for r in report["stages"]) else 1
 
 
+# ---------------------------------------------------------------- --plan
+
+# bench/compile.py's JSON: a fresh one in bench/results/ if there is one, else the sm_90 table measured
+# on a 2-core CPU and kept beside the stages (compile seconds there are per process; 16 cores divide them)
+COMPILE_TABLE = ROOT / "bench" / "results" / "compile.json"
+KEPT_COMPILE_TABLE = HERE / "_gpu" / "compile_sm90.json"
+CACHE_LOAD_S = 0.05  # a kernel loaded from Triton's on-disk cache instead of compiled
+AUTOTUNE_S = 0.15  # one config benchmarked by the autotuner (do_bench: 25 ms warm-up + 100 ms of runs)
+
+
+def compile_seconds(table: Path):
+    """A function spec -> cold compile seconds, from bench/compile.py's JSON: the same kernel, dtype, head
+    dim, flags and config (T and H only change divisibility hints), else the median of that kernel and
+    dtype, else of the whole table."""
+    import statistics
+
+    rows = [r for r in json.loads(table.read_text())["rows"] if "error" not in r and r.get("arch", 90) == 90]
+    exact = {(r["kernel"], r["dtype"], r["dim"], r["feature"], r["config"]): r["seconds"] for r in rows}
+    by_kernel = {}
+    for r in rows:
+        by_kernel.setdefault((r["kernel"], r["dtype"]), []).append(r["seconds"])
+    overall = statistics.median(r["seconds"] for r in rows)
+
+    def seconds(spec) -> float:
+        hit = exact.get((spec.kernel, spec.dtype, spec.dim, spec.feature, spec.config_name))
+        if hit is not None:
+            return hit
+        near = by_kernel.get((spec.kernel, spec.dtype))
+        return statistics.median(near) if near else overall
+    return seconds
+
+
+def plan(table: Path, cores: int = 16) -> int:
+    """Each stage's estimated seconds on a 16-core GPU machine: the compile stage from the compile table
+    (every launch's cold compile, spread over the cores, plus starting the workers); the others their
+    measuring estimate (Stage.est_s) plus loading their kernels from the cache and autotuning."""
+    if not table.exists():
+        print(f"error: no compile table at {table}: run python bench/compile.py first", file=sys.stderr)
+        return 2
+    seconds = compile_seconds(table)
+    needed = cs.needed_specs(Ctx(smoke=False, work=Path(tempfile.gettempdir())))
+    launches = {stage: specs for stage, specs in needed.items()}
+    per_stage = {"kernel_check": launches["kernel_check"], "attention_speed": launches["attention_speed"],
+                 "layernorm_speed": launches["layernorm_speed"], "e2e_eager": launches["e2e"]}
+    everything = [s for specs in launches.values() for s in specs]
+    cold = sum(seconds(s) for s in everything)
+    rows = []
+    for stage in STAGES:
+        if stage.name == "compile":
+            est = cold / cores * 1.2 + 8  # 20% for uneven batches; 8 s to start the spawned workers
+            rows.append(dict(stage=stage.name, budget_s=stage.budget_s, launches=len(everything),
+                             cold_compile_s=cold, est_s=est))
+            continue
+        specs = per_stage.get(stage.name, [])
+        tuned = sum(1 for s in specs if s.kernel in ("fwd", "dkdv", "dq")) if stage.name != "kernel_check" else 0
+        est = stage.est_s + CACHE_LOAD_S * len(specs) + AUTOTUNE_S * tuned
+        rows.append(dict(stage=stage.name, budget_s=stage.budget_s, launches=len(specs),
+                         cold_compile_s=sum(seconds(s) for s in specs), est_s=est))
+    total = sum(r["est_s"] for r in rows)
+    print(f"bench/gpu.py --plan: {cores} cores; compile seconds from {table} (cold, one process each); "
+          f"est_s = measuring estimate + cache loads ({CACHE_LOAD_S} s each) + autotuning ({AUTOTUNE_S} s per "
+          f"config); cold_compile_s: what the stage would spend compiling without the compile stage")
+    print(format_table(rows))
+    fits = total <= TOTAL_LIMIT_S
+    print(f"total {total:.0f} s of {TOTAL_LIMIT_S} s ({'fits' if fits else 'DOES NOT FIT'}); budgets "
+          f"{sum(s.budget_s for s in STAGES)} s")
+    return 0 if fits else 1
+
+
 # ---------------------------------------------------------------- the one table format
 
 def fmt(key: str, value) -> str:
@@ -213,11 +292,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     p.add_argument("--only", help="comma-separated stage names: " + ",".join(BY_NAME))
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (data, run dirs, logs)")
+    p.add_argument("--plan", action="store_true", help="print each stage's estimated time from the compile table")
+    p.add_argument("--compile-table", type=Path, help="bench/compile.py's JSON for --plan (default: "
+                   "bench/results/compile.json, else bench/_gpu/compile_sm90.json)")
     p.add_argument("--stage", choices=list(BY_NAME), help=argparse.SUPPRESS)  # a child process: one stage
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only and not set(args.only.split(",")) <= set(BY_NAME):
         p.error(f"--only: stages are {', '.join(BY_NAME)}")
+    if args.plan:
+        return plan(args.compile_table or (COMPILE_TABLE if COMPILE_TABLE.exists() else KEPT_COMPILE_TABLE))
     if args.stage:
         return run_stage(BY_NAME[args.stage], Ctx(smoke=args.smoke, work=args.work), args.out)
     return run_all(args)

@@ -9,7 +9,8 @@ import math
 import os
 import platform
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,25 +86,58 @@ def copy_gbs(device: torch.device) -> float:
 
 # ---------------------------------------------------------------- kernel correctness
 
-# dtype, head dim, causal, dropout p. Case i runs fwd config i % 5, dK/dV and dQ configs i % 4 of the
-# kernels' autotune lists (pinned), so every config is checked once; the last two rows run the
-# autotuner itself on the kernels' production path.
+@dataclass(frozen=True)
+class AttnCase:
+    """One attention check: dtype, head dim, causal, dropout p, kv heads (of H query heads), documents
+    packed per row (0: no segments), and whether the autotuner picks the configs (at a T that is a
+    multiple of every block) or they are pinned: case i runs config i % len of each kernel's shipped
+    list for its dtype and head dim, so every shipped config is checked."""
+    dtype: torch.dtype
+    D: int
+    causal: bool
+    p: float = 0.0
+    group: int = 1  # query heads per kv head
+    docs: int = 0
+    tuned: bool = False
+
+    def name(self) -> str:
+        return ("attention" + (" tuned" if self.tuned else "") + (" gqa" if self.group > 1 else "")
+                + (f" docs={self.docs}" if self.docs else "") + (f" p={self.p}" if self.p else ""))
+
+
+# In the order they run: the modern options first (grouped K/V heads, packed documents, dropout), so a
+# stage cut short still reports them; then dtype x head dim x causal; then the autotuned path.
 ATTN_CASES = [
-    (torch.bfloat16, 64, True, 0.0), (torch.bfloat16, 128, True, 0.0),
-    (torch.float16, 64, True, 0.0), (torch.float16, 128, True, 0.0),
-    (torch.float32, 64, True, 0.0), (torch.float32, 128, True, 0.0),
-    (torch.bfloat16, 64, False, 0.0), (torch.float16, 128, False, 0.0),
-    (torch.float32, 64, True, 0.3),
+    AttnCase(torch.bfloat16, 128, True, group=4),
+    AttnCase(torch.bfloat16, 64, True, group=4, docs=5),
+    AttnCase(torch.float32, 64, False, p=0.3, docs=3),
+    AttnCase(torch.float32, 64, True, p=0.3),
+    AttnCase(torch.bfloat16, 64, True), AttnCase(torch.bfloat16, 128, True),
+    AttnCase(torch.float16, 64, True), AttnCase(torch.float16, 128, True),
+    AttnCase(torch.float32, 64, True), AttnCase(torch.float32, 128, True),
+    AttnCase(torch.bfloat16, 64, False), AttnCase(torch.float16, 128, False),
+    AttnCase(torch.bfloat16, 64, True, tuned=True), AttnCase(torch.bfloat16, 128, True, tuned=True),
 ]
-AUTOTUNED_CASES = [(torch.bfloat16, 64, True, 0.0), (torch.bfloat16, 128, True, 0.0)]
-# The modern options: dtype, head dim, causal, dropout p, kv heads of GQA_HEADS query heads,
-# documents packed per row (0: no segments). Pinned to configs after ATTN_CASES' in each list.
-GQA_HEADS = 8
-MODERN_ATTN_CASES = [
-    (torch.bfloat16, 128, True, 0.0, 2, 0),  # grouped-query attention
-    (torch.bfloat16, 64, True, 0.0, 2, 5),  # grouped + document-masked packing
-    (torch.float32, 64, False, 0.3, 8, 3),  # documents, not causal, dropout
-]
+
+
+def attention_shape(ctx: Ctx, case: AttnCase) -> dict:
+    """B, H, kv heads and T of a case: T=1000 is a multiple of no block size; tuned cases use 1024."""
+    H = ctx.pick(8, 4) if case.group > 1 else ctx.pick(4, 2)
+    T = ctx.pick(1024, 64) if case.tuned else ctx.pick(1000, 40)
+    return dict(B=ctx.pick(2, 1), H=H, kv_heads=H // min(case.group, H), T=T)
+
+
+def pinned_choice(case_index: int, case: AttnCase, shift: int = 0) -> dict:
+    """name -> the config dict case `case_index` pins for each attention kernel (see AttnCase)."""
+    from kernels.flash_attention import shipped_configs
+
+    choice = {}
+    for name, kernel in (("f", "fwd"), ("kv", "dkdv"), ("q", "dq")):
+        cs = shipped_configs(kernel, case.dtype, case.D, dropout=case.p > 0)
+        choice[name] = cs[(case_index + shift) % len(cs)]
+    return choice
+
+
 LN_CASES_N = (768, 1000, 8192)
 
 # Tolerances on max|ours - fp64| / max|fp64| (out; the worst of dq, dk, dv or dx, dw, db for grads).
@@ -186,7 +220,20 @@ def _attention_kernels():
 
 
 def _config_name(c) -> str:
+    """A config dict or triton.Config as BLOCK_MxBLOCK_N w<warps> s<stages>."""
+    if isinstance(c, dict):
+        return f"{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+
+
+def triton_configs(choice: dict) -> dict:
+    """name -> triton.Config of config dicts (the interpreter's own blocks under --smoke: the
+    interpreter runs one config and pinning a GPU one would only slow it)."""
+    from kernels._triton import INTERPRET, configs
+
+    if INTERPRET:
+        return {name: kernel.configs[0] for name, kernel in _attention_kernels().items()}
+    return {name: configs([c], {})[0] for name, c in choice.items()}
 
 
 @contextmanager
@@ -261,72 +308,55 @@ def _error_row(check, dtype, errs, tol, ok, shape, causal=None, config=None):
 
 def kernel_check(ctx: Ctx):
     """Our attention and LayerNorm on the device against fp64 references (what tests/test_kernels.py
-    checks under the interpreter): bf16/fp16/fp32, head dims 64 and 128, causal and not, T not a
-    multiple of any block size, dropout against the explicit keep-mask, determinism per seed; grouped
-    K/V heads and document-masked packing (segments); RMSNorm."""
+    checks under the interpreter): grouped K/V heads, document-masked packing and dropout first, then
+    bf16/fp16/fp32, head dims 64 and 128, causal and not, T not a multiple of any block size, dropout
+    against the explicit keep-mask, determinism per seed; the autotuner's picks; LayerNorm, RMSNorm."""
     ctx.require_gpu()
     from kernels import flash_attention as fa
+    from kernels.flash_attention import runs_on_gpu
 
     fa.POISON_OUTPUTS = True  # every output buffer starts as NaN: an unwritten element fails the check
-    T, B, H = ctx.pick(1000, 40), ctx.pick(2, 1), ctx.pick(4, 2)
-    lists = {name: kernel.configs for name, kernel in _attention_kernels().items()}
-    yield dict(note="attention configs (pinned by index): " + "; ".join(
-        f"{name}: " + " ".join(f"{i}={_config_name(c)}" for i, c in enumerate(cs)) for name, cs in lists.items()))
     yield dict(note="*_abs = max|ours - fp64|; *_rel = that / max|fp64|; grad: the worst of dq,dk,dv (dx,dw,db); "
-                    "torch_*: PyTorch's *_rel in the same dtype (SDPA, F.layer_norm, F.rms_norm); 'tuned': the autotuner's pick")
+                    "torch_*: PyTorch's *_rel in the same dtype (SDPA, F.layer_norm, F.rms_norm); config: "
+                    "f=fwd kv=dK/dV q=dQ, BLOCK_MxBLOCK_N w warps s stages; 'tuned': the autotuner's pick")
+    for i, case in enumerate(ATTN_CASES):
+        shape = attention_shape(ctx, case)
+        run = lambda: attention_case(ctx, case.dtype, case.D, case.causal, case.p, shape["T"], shape["B"],  # noqa: E731
+                                     shape["H"], seed=i, kv_heads=shape["kv_heads"], docs=case.docs)
+        if ctx.device.type == "cuda" and not runs_on_gpu(case.dtype, case.D):
+            errs, choice = run(), None  # flash_attention hands these to PyTorch on a GPU
+            used = "pytorch (sdpa_fallback)"
+        elif case.tuned:
+            errs = run()
+            used = " ".join(f"{n}={_config_name(k.best_config)}" for n, k in _attention_kernels().items()
+                            if getattr(k, "best_config", None) is not None)
+        else:
+            errs, choice = _pinned_run(i, case, run)
+            used = " ".join(f"{n}={_config_name(c)}" for n, c in triton_configs(choice).items())
+        tol, ok = _verdict("attention", case.dtype, errs)
+        kv = f" Hkv{shape['kv_heads']}" if case.group > 1 else ""
+        yield _error_row(case.name(), case.dtype, errs, tol, ok, causal=case.causal, config=used,
+                         shape=f"B{shape['B']} H{shape['H']}{kv} T{shape['T']} D{case.D}")
+        if case.p and not case.docs:
+            with pinned_configs(triton_configs(choice)) if choice else nullcontext():
+                yield _dropout_determinism(ctx, case.dtype, case.D, case.p, shape["T"], shape["B"], shape["H"])
+            yield _dropout_rate(ctx, case.p, shape["T"], shape["B"], shape["H"])
     yield from layer_norm_checks(ctx)
     yield from rms_norm_checks(ctx)
-    for i, (dtype, D, causal, p) in enumerate(ATTN_CASES):
-        errs, choice = _pinned_run(lists, i, lambda: attention_case(ctx, dtype, D, causal, p, T, B, H, seed=i),
-                                   f"{DTYPE_NAMES[dtype]} D={D}")
-        used = " ".join(f"{name}{lists[name].index(c)}" for name, c in choice.items())
-        tol, ok = _verdict("attention", dtype, errs)
-        yield _error_row("attention" + (f" p={p}" if p else ""), dtype, errs, tol, ok,
-                         shape=f"B{B} H{H} T{T} D{D}", causal=causal, config=used)
-        if p:
-            with pinned_configs(choice):
-                determinism = _dropout_determinism(ctx, dtype, D, p, T, B, H)
-            yield determinism
-            yield _dropout_rate(ctx, p, T, B, H)
-    yield from modern_attention_checks(ctx, lists, T, B)
-    for dtype, D, causal, p in AUTOTUNED_CASES:
-        t_aligned = ctx.pick(1024, 64)
-        errs = attention_case(ctx, dtype, D, causal, p, t_aligned, B, H, seed=100 + D)
-        best = " ".join(f"{n}{lists[n].index(k.best_config)}" for n, k in _attention_kernels().items()
-                        if getattr(k, "best_config", None) in lists[n])
-        tol, ok = _verdict("attention", dtype, errs)
-        yield _error_row("attention tuned", dtype, errs, tol, ok, shape=f"B{B} H{H} T{t_aligned} D{D}",
-                         causal=causal, config=best or "autotuned")
 
 
-def _pinned_run(lists, i, run, what):
-    """run() with each attention kernel pinned to config i of its list (the next one where the GPU
-    cannot fit it); returns (its result, the configs used)."""
-    for shift in range(max(len(c) for c in lists.values())):
-        choice = {name: cs[(i + shift) % len(cs)] for name, cs in lists.items()}
+def _pinned_run(i, case, run):
+    """run() with each attention kernel pinned to case i's configs (the next ones where the GPU
+    cannot fit them); returns (its result, the configs used)."""
+    for shift in range(4):
+        choice = pinned_choice(i, case, shift)
         try:
-            with pinned_configs(choice):
+            with pinned_configs(triton_configs(choice)):
                 return run(), choice
         except Exception as e:  # noqa: BLE001
             if not _out_of_resources(e):
                 raise
-    raise RuntimeError(f"no attention config fits {what} on this GPU")
-
-
-def modern_attention_checks(ctx: Ctx, lists, T, B):
-    """MODERN_ATTN_CASES: grouped K/V heads and packed documents, against the masked fp64 reference."""
-    H = ctx.pick(GQA_HEADS, GQA_HEADS // 2)
-    for j, (dtype, D, causal, p, kv_heads, docs) in enumerate(MODERN_ATTN_CASES):
-        i, kv_heads = len(ATTN_CASES) + j, min(kv_heads, H)
-        errs, choice = _pinned_run(
-            lists, i, lambda: attention_case(ctx, dtype, D, causal, p, T, B, H, seed=i, kv_heads=kv_heads,
-                                             docs=docs), f"{DTYPE_NAMES[dtype]} D={D}")
-        used = " ".join(f"{name}{lists[name].index(c)}" for name, c in choice.items())
-        tol, ok = _verdict("attention", dtype, errs)
-        check = "attention" + (" gqa" if kv_heads < H else "") + (f" docs={docs}" if docs else "") + (
-            f" p={p}" if p else "")
-        yield _error_row(check, dtype, errs, tol, ok, shape=f"B{B} H{H} Hkv{kv_heads} T{T} D{D}",
-                         causal=causal, config=used)
+    raise RuntimeError(f"no attention config fits {DTYPE_NAMES[case.dtype]} D={case.D} on this GPU")
 
 
 def _dropout_determinism(ctx, dtype, D, p, T, B, H):
@@ -426,11 +456,26 @@ def _layer_norm_case(ctx, layer_norm, dtype, M, N):
 ATTN_PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
-def attention_impls():
-    """name -> fn(q, k, v): ours, and SDPA pinned to its flash and cuDNN backends."""
+# (query heads per kv head, documents): plain multi-head, grouped-query (4 per kv head), and grouped with
+# packed documents (DOCS_PER_ROW per row).
+SPEED_VARIANTS = [(1, False), (4, False), (4, True)]
+DOCS_PER_ROW = 4
+
+
+def attention_impls(group: int = 1, segments=None):
+    """name -> fn(q, k, v): ours, and SDPA pinned to its flash and cuDNN backends (plain multi-head),
+    or SDPA as it chooses with enable_gqa / the document mask (the others)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.flash_attention import flash_attention
+
+    ours = lambda q, k, v: flash_attention(q, k, v, causal=True, segments=segments)  # noqa: E731
+    if group > 1 or segments is not None:
+        def sdpa_any(q, k, v):
+            if segments is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return torch_attention(q, k, v, True, segments)
+        return {"ours": ours, "sdpa": sdpa_any}
 
     def sdpa(backend):
         def run(q, k, v):
@@ -438,8 +483,7 @@ def attention_impls():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return run
 
-    return {"ours": lambda q, k, v: flash_attention(q, k, v, causal=True),
-            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+    return {"ours": ours, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
             "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
 
 
@@ -447,9 +491,11 @@ def time_attention(ctx: Ctx, fn, q, k, v, do) -> dict:
     """Milliseconds of the forward, the backward alone (over a retained graph) and both."""
     dev = ctx.device
     warmup, reps = ctx.pick(3, 1), ctx.pick(10, 1)
+    leaves = (q, k, v)
 
     def clear():
-        q.grad = k.grad = v.grad = None
+        for t in leaves:
+            t.grad = None
 
     def both():
         clear()
@@ -467,37 +513,58 @@ def time_attention(ctx: Ctx, fn, q, k, v, do) -> dict:
     return ms
 
 
+def tuned_configs() -> str:
+    """The configs the autotuner picked at the last launch of each attention kernel."""
+    return " ".join(f"{n}={_config_name(k.best_config)}" for n, k in _attention_kernels().items()
+                    if getattr(k, "best_config", None) is not None)
+
+
 def attention_speed(ctx: Ctx):
     """Causal bf16 attention, 16k tokens per batch (B = 16384 / T), H·D = 2048: TFLOP/s of ours, SDPA's
-    flash backend and SDPA's cuDNN backend, and our ratios to each. A backend that raises is reported
-    as unavailable with its error."""
+    flash backend and SDPA's cuDNN backend, and our ratios to each; then grouped-query attention (4 query
+    heads per kv head) and grouped with packed documents against SDPA's own choice. A backend that raises
+    is reported as unavailable with its error. `tuned`: the autotuner's pick for our kernels."""
     ctx.require_gpu()
     tokens, width = ctx.pick(16384, 64), ctx.pick(2048, 128)
-    impls = attention_impls()
-    yield dict(note="TFLOP/s = 4·B·H·T²·D · 0.5 (causal) · {fwd 1, bwd 2.5, fwd+bwd 3.5} / time; "
-                    "time = median of CUDA-event timings after warm-up, L2 flushed before each")
-    for D in ctx.pick((64, 128), (64,)):
-        for T in ctx.pick((1024, 2048, 4096, 8192), (32, 64)):
-            B, H = tokens // T, width // D
-            q, k, v = (torch.randn(B, H, T, D, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            do = torch.randn_like(q)
-            times, errors = {}, {}
-            for name, fn in impls.items():
-                try:
-                    times[name] = time_attention(ctx, fn, q, k, v, do)
-                except Exception as e:  # noqa: BLE001  (a backend without a kernel for this GPU/shape)
-                    errors[name] = ("failed: " if name == "ours" else "unavailable: ") + short_error(e)
-            for mode in ATTN_PASSES:
-                flops = attention_flops(B, H, T, D, True, mode)
-                tf = {name: tflops(flops, t[mode]) for name, t in times.items()}
-                yield dict(D=D, T=T, B=B, H=H, mode=mode, ours=tf.get("ours"), sdpa_flash=tf.get("sdpa_flash"),
-                           sdpa_cudnn=tf.get("sdpa_cudnn"), ours_vs_flash=ratio(tf.get("ours"), tf.get("sdpa_flash")),
-                           ours_vs_cudnn=ratio(tf.get("ours"), tf.get("sdpa_cudnn")),
-                           ours_ms=times.get("ours", {}).get(mode))
-            for name, why in errors.items():
-                yield dict(note=f"D={D} T={T} {name}: {why}", impl=name, D=D, T=T, error=why)
-            del q, k, v, do
+    yield dict(note="TFLOP/s = 4·B·H·T²·D · 0.5 (causal) · {fwd 1, bwd 2.5, fwd+bwd 3.5} / time (documents: "
+                    "counted as one causal sequence, so their TFLOP/s understate); time = median of CUDA-event "
+                    "timings after warm-up, L2 flushed before each")
+    for group, docs in SPEED_VARIANTS:
+        for D in ctx.pick((64, 128), (64,)):
+            for T in ctx.pick((1024, 2048, 4096, 8192), (32, 64)) if group == 1 else ctx.pick((2048, 8192), (64,)):
+                H = width // D
+                yield from _attention_speed_rows(ctx, min(group, H), docs, D, T, tokens // T, H)
+
+
+def _attention_speed_rows(ctx, group, docs, D, T, B, H):
+    dev = ctx.device
+    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, H // group, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    segments = document_ids(B, T, DOCS_PER_ROW, seed=0).to(dev) if docs else None
+    times, errors, tuned = {}, {}, None
+    for name, fn in attention_impls(group, segments).items():
+        try:
+            times[name] = time_attention(ctx, fn, q, k, v, do)
+            if name == "ours":
+                tuned = tuned_configs()
+        except Exception as e:  # noqa: BLE001  (a backend without a kernel for this GPU/shape)
+            errors[name] = ("failed: " if name == "ours" else "unavailable: ") + short_error(e)
+    variant = "mha" if group == 1 else f"gqa{group}" + (f" docs={DOCS_PER_ROW}" if docs else "")
+    for mode in ATTN_PASSES:
+        flops = attention_flops(B, H, T, D, True, mode)
+        tf = {name: tflops(flops, t[mode]) for name, t in times.items()}
+        row = dict(variant=variant, D=D, T=T, B=B, H=H, mode=mode, ours=tf.get("ours"))
+        if group == 1 and not docs:
+            row.update(sdpa_flash=tf.get("sdpa_flash"), sdpa_cudnn=tf.get("sdpa_cudnn"),
+                       ours_vs_flash=ratio(tf.get("ours"), tf.get("sdpa_flash")),
+                       ours_vs_cudnn=ratio(tf.get("ours"), tf.get("sdpa_cudnn")))
+        else:
+            row.update(sdpa=tf.get("sdpa"), ours_vs_sdpa=ratio(tf.get("ours"), tf.get("sdpa")))
+        row.update(ours_ms=times.get("ours", {}).get(mode), tuned=tuned)
+        yield row
+    for name, why in errors.items():
+        yield dict(note=f"{variant} D={D} T={T} {name}: {why}", impl=name, D=D, T=T, error=why)
 
 
 def layernorm_speed(ctx: Ctx):

@@ -163,7 +163,9 @@ def kill_tree(proc: subprocess.Popen):
 def child_env(smoke: bool) -> dict:
     """Environment for processes the stages start: the repo importable, output unbuffered; on the
     smoke run the CPU only and Triton's interpreter."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # TRITON_CACHE_AUTOTUNING: a stage's autotune results go to Triton's cache, and later stages (and
+    # their train.py processes) reuse them instead of benchmarking every config again
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_CACHE_AUTOTUNING="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if smoke:  # one thread each: on a small shared CPU, OpenMP threads waiting on each other cost 50x
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -280,6 +280,7 @@ def quickstart_200(ctx: Ctx):
     procs = {name: launch_train(ctx, QUICKSTART, [*common, *extra, f"train.out_dir={ctx.work / ('qs_' + name)}"],
                                 ctx.work / f"quickstart_{name}.log")
              for name, extra in paths.items()}
+    yield from _progress(ctx, procs, every=ctx.pick(25, 1))
     for name, proc in procs.items():
         if proc.wait():
             raise RuntimeError(f"train.py ({name}) exited {proc.returncode}: "
@@ -302,3 +303,21 @@ def quickstart_200(ctx: Ctx):
            "last50_mean_loss": mean_diff, "final_val_loss": abs(vals["triton"] - vals["sdpa"]),
            "val_rel": val_rel, "tol": f"last-{len(tail)} mean |diff| < 0.05 nats, val within 2%",
            "pass": mean_diff < 0.05 and val_rel < 0.02}
+
+
+def _progress(ctx: Ctx, procs: dict, every: int):
+    """While the quickstart runs train, a note row each `every` steps both have logged (their losses),
+    so a stage cut before the end still reports how far the curves agreed."""
+    shown = 0
+    while True:
+        running = any(p.poll() is None for p in procs.values())
+        losses = {name: {r["step"]: r["loss"] for r in step_records(ctx.work / f"qs_{name}")} for name in procs}
+        both = sorted(set(losses["triton"]) & set(losses["sdpa"]))
+        for step in [s for s in both if s > shown and s % every == 0]:
+            a, b = losses["triton"][step], losses["sdpa"][step]
+            yield dict(note=f"step {step}: loss triton {a:.4f}, sdpa {b:.4f}", step=step, triton_loss=a,
+                       sdpa_loss=b)
+            shown = step
+        if not running:
+            return
+        time.sleep(1.0)
