@@ -87,7 +87,7 @@ def grown_config(old: ModelConfig, spec: GrowSpec) -> ModelConfig:
                               mlp_hidden=hidden, preset="")
     if not old.mlp_hidden and mlp_hidden_size(dataclasses.replace(new, mlp_hidden=0)) == hidden:
         new.mlp_hidden = 0  # the default rule gives it: keep the config as plain as it was
-    if _shape(new) == _shape(old):
+    if shape_summary(new) == shape_summary(old):
         raise ConfigError("nothing to grow: the shape asked for is the model's own (give --n-layer, --n-embd, "
                           "--n-head, --n-kv-head or --mlp-hidden)")
     if spec.depth == "stack" and spec.where is not None:
@@ -106,7 +106,8 @@ def _multiple(flag, new, old, key, why):
         raise ConfigError(f"{flag} {new} is not a multiple of {key} {old}: {why}")
 
 
-def _shape(m: ModelConfig) -> tuple:
+def shape_summary(m: ModelConfig) -> tuple:
+    """(n_layer, n_embd, n_head, n_kv_head, MLP width), defaults resolved."""
     return (m.n_layer, m.n_embd, m.n_head, m.n_kv_head or m.n_head, mlp_hidden_size(m))
 
 

@@ -18,11 +18,12 @@ from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.checkpoint import CheckpointError
 from lm.config import Config, ConfigError, ModelConfig, load_config
-from lm.grow import DEPTH_METHODS, GrowSpec, _shape, block_sources, grow_model, grown_config
+from lm.grow import DEPTH_METHODS, GrowSpec, block_sources, grow_model, grown_config, shape_summary
 from lm.model import GPT
 from lm.prune import MASKS_FILE
 
 RECORD = "grow.json"
+SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden")  # shape_summary's order
 
 
 # ---- reading the source and writing OUT -----------------------------------------------------------------
@@ -114,17 +115,15 @@ def grow(source: str, out: Path, spec: GrowSpec, force: bool = False) -> dict:
         print(f"note: {ckpt / MASKS_FILE} (pruning masks) is not carried over: the grown model's shape differs, "
               "and every weight of it trains", file=sys.stderr)
     # built with the kernels that run here (as the source was loaded); the config keeps the run's choice
-    grown = grow_model(model, dataclasses.replace(new_model, attention=model.cfg.attention,
-                                                  layernorm=model.cfg.layernorm), sources, spec.noise_snr_db, spec.seed)
+    here = dataclasses.replace(new_model, attention=model.cfg.attention, layernorm=model.cfg.layernorm)
+    grown = grow_model(model, here, sources, spec.noise_snr_db, spec.seed)
     run_cfg = grown_run_config(cfg, new_model, out)
     record = {"source": str(ckpt), "depth": spec.depth, "blocks": sources,
               "function_preserving": spec.depth == "zero" or old_blocks == len(sources),
               "noise_snr_db": spec.noise_snr_db if math.isfinite(spec.noise_snr_db) else None, "seed": spec.seed,
               "params": {"before": model.num_params(), "after": grown.num_params()},
-              "shape": {"before": dict(zip(("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden"),
-                                           _shape(cfg.model))),
-                        "after": dict(zip(("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden"),
-                                          _shape(new_model)))}}
+              "shape": {"before": dict(zip(SHAPE_KEYS, shape_summary(cfg.model))),
+                        "after": dict(zip(SHAPE_KEYS, shape_summary(new_model)))}}
     write_grown(out, ckpt, run_cfg, grown, record, force)
     return record
 
@@ -162,7 +161,7 @@ def format_growth_plan(before, after, old: ModelConfig, new: ModelConfig, title:
     lines = [f"growth plan: {title} on {before.world_size} x {before.gpu} ({before.gpu_memory / 1e9:.0f} GB), "
              f"{before.dtype}, micro-batch {before.micro_batch} x {before.seq_len}, activation checkpointing "
              f"{before.activation_checkpointing}",
-             f"  before: {shape.format(*_shape(old))}", f"  after:  {shape.format(*_shape(new))}",
+             f"  before: {shape.format(*shape_summary(old))}", f"  after:  {shape.format(*shape_summary(new))}",
              f"{'':<28}{'before':>18}{'after':>18}{'ratio':>8}"]
     for label, key, fmt in PLAN_ROWS:
         a, b = getattr(before, key), getattr(after, key)
