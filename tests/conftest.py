@@ -39,3 +39,30 @@ def tiny_corpus(tmp_path_factory) -> Path:
                  for i in range(60)]
         (root / f"doc{d:02d}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+# ---- shared set-up for training tests ---------------------------------------------------------------
+# A model small enough that a step takes milliseconds; test files add what their case needs.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
+        "train.eval_sequences=8", "log.progress=false", "log.interval=1", "train.device=cpu", "train.dtype=float32"]
+LLAMA = ["model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu", "model.bias=false"]
+
+
+def training_overrides(data_dir, out_dir, *extra) -> list[str]:
+    return [*TINY, f"data.dir={data_dir}", f"train.out_dir={out_dir}", *extra]
+
+
+def metric_records(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tiny_corpus, tmp_path_factory) -> Path:
+    """tiny_corpus prepared with the character tokenizer, once per session."""
+    from data_prep import prepare
+
+    out = tmp_path_factory.mktemp("char_dataset") / "char"
+    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
+    return out
