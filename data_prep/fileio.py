@@ -95,7 +95,8 @@ def check_json(value, spec, path, field: str = "") -> None:
 
     if isinstance(spec, dict):
         if not isinstance(value, dict):
-            fail("a JSON object")
+            keys = [k for k in spec if isinstance(k, str)]
+            fail("a JSON object" + (f" with {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}" if keys else ""))
         if list(spec) == [str]:
             for key, item in value.items():
                 check_json(item, spec[str], path, f"{field}.{key}" if field else key)

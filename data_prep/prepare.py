@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -184,7 +184,7 @@ def prepare_tokenizer(inputs: Iterable[str], out_dir: str | os.PathLike, *, toke
               "sample_bytes": tokenizer_sample_bytes, "seed": seed, "val_fraction": val_fraction,
               "tokenizer": tokenizer, "vocab_size": vocab_size, "special_tokens": list(special_tokens)}
     texts, _ = _sample(config, clean_cfg, show_progress, alphabet=tokenizer == "char")
-    tok = train_tokenizer(tokenizer, texts, vocab_size, list(special_tokens), show_progress)
+    tok = train_tokenizer(tokenizer, _drain(texts), vocab_size, list(special_tokens), show_progress)
     out.mkdir(parents=True, exist_ok=True)
     return tok.save(out)
 
@@ -206,12 +206,20 @@ def _tokenizer(work: WorkDir, config: dict, clean_cfg: CleanConfig, reused: Path
         tok, trained_on = train_tokenizer("char", texts, 0), "all documents (alphabet)"
     else:
         texts, chars = _sample(config, clean_cfg, show_progress)
-        tok = train_tokenizer(kind, texts, config["vocab_size"], config["special_tokens"], show_progress)
         trained_on = f"train split sample ({chars} characters, {len(texts)} documents)"
+        tok = train_tokenizer(kind, _drain(texts), config["vocab_size"], config["special_tokens"], show_progress)
     tok_path = tok.save(work.path)
     work.state["tokenizer"] = {"file": tok_path.name, "trained_on": trained_on}
     work.save()
     return tok, tok_path, trained_on
+
+
+def _drain(texts: list[str]) -> Iterator[str]:
+    """The texts in order, each dropped from the list once the trainer has it: trainers keep their own
+    counts, so the sample is not held beside them for the whole training."""
+    for i in range(len(texts)):
+        text, texts[i] = texts[i], None
+        yield text
 
 
 def _sample(config: dict, clean_cfg: CleanConfig, show_progress: bool, alphabet: bool = False) -> tuple[list[str], int]:

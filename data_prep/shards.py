@@ -14,14 +14,13 @@ checked at every open, about twice as cheap (see scan_tokens); entries without i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .errors import DataError
-from .fileio import Crc32, atomic_write_bytes, file_sha256, new_hash
+from .fileio import Crc32, atomic_write_bytes, file_sha256, new_hash, read_json
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -171,12 +170,7 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     if not meta_path.is_file():
         raise DataError(f"{meta_path}: missing, so {data_dir} is not a prepared dataset "
                         f"(run python -m data_prep prepare ... --out {data_dir} first)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path}: unreadable ({e})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{meta_path}: expected a JSON object")
+    meta = read_json(meta_path, {})  # an object; its fields are checked below, with their ranges
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{meta_path}: unknown format_version {meta.get('format_version')!r} "
                         f"(this code reads version {FORMAT_VERSION}; re-run python -m data_prep prepare)")

@@ -25,7 +25,6 @@ refuses an empty val split. Manifest examples name a file, not a record.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from tqdm import tqdm
 from .cleaning import CleanConfig, Cleaner
 from .dedup import BUCKET_CAP, LSHIndex, MinHashConfig, MinHasher, exact_key
 from .errors import DataError
-from .fileio import COUNT, FRACTION, atomic_write_json, check_json, file_sha256, read_json
+from .fileio import COUNT, FRACTION, atomic_write_json, file_sha256, read_json
 from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, resolve, val_score
 from .shards import META_FILE, dtype_for_vocab, scan_tokens
 from .sources import Document, SourceStats, iter_files

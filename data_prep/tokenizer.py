@@ -8,7 +8,6 @@ refuses a file that disagrees.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import re
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, read_json
 from .shards import META_FILE, check_tokenizer_hash, read_meta
 
 _BUILD_FAST = threading.Lock()  # encoder threads that start together build the engine once
@@ -133,11 +132,8 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
-        try:
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a char tokenizer file ({e})") from None
-        if not isinstance(obj, dict) or obj.get("kind") != "char" or not isinstance(obj.get("chars"), list):
+        obj = read_json(path, {"kind": str, "chars": list})
+        if obj["kind"] != "char":
             raise DataError(f'{path}: not a char tokenizer file (expected {{"kind": "char", "chars": [...]}})')
         try:
             return cls(obj["chars"])

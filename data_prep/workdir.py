@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import DataError
-from .fileio import COUNT, atomic_write_bytes, atomic_write_json, check_json, read_json
+from .fileio import COUNT, atomic_write_json, check_json, read_json
 
 STATE_FILE = "state.json"
 _SHARD = {"file": str, "index": str, "tokens": COUNT, "docs": COUNT, "sha256": str, "crc32": str}

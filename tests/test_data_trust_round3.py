@@ -4,7 +4,6 @@ end in one line (or bounded memory), and the multi-task sign stage is as compact
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from conftest import assert_user_error, run_cli
 from data_prep import DataError, prepare
 from data_prep.prepare import prepare_tokenizer
-from data_prep.tasks import STAGES, merge
+from data_prep.tasks import STAGES
 
 
 def data_prep_cli(*args):
