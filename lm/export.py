@@ -25,10 +25,15 @@ EOS = "<|endoftext|>"
 
 
 def load(path, device="cpu") -> tuple[Path, GPT]:
-    """The checkpoint `path` resolves to, and its model for inference (eval mode, built on the CPU) with
-    kernels that can run on `device`: one loader for sampling, export and benchmarks."""
+    """The checkpoint `path` resolves to, and its language model for inference (eval mode, built on the CPU)
+    with kernels that can run on `device`: one loader for sampling, export, quantizing, pruning, evaluation
+    and benchmarks. A classifier is refused: each of those would drop its head and treat it as a language model."""
     ckpt = checkpoint.resolve(path)
-    model = GPT(inference_backends(checkpoint.load_config(ckpt).model, device))
+    cfg = checkpoint.load_config(ckpt)
+    if cfg.train.task != "lm":
+        raise checkpoint.CheckpointError(f"{ckpt}: a train.task = '{cfg.train.task}' run, not a language model "
+                                         "(classify texts with python -m lm.classify)")
+    model = GPT(inference_backends(cfg.model, device))
     checkpoint.load_model(ckpt, model)
     return ckpt, model.eval()
 

@@ -202,13 +202,13 @@ def check_destination(dest: str | os.PathLike, force: bool = False, directory: b
             raise DataError(f"{dest}: holds the input {source}; write the output elsewhere")
     if not dest.exists() and not dest.is_symlink():
         return
-    if directory and dest.is_dir() and not any(dest.iterdir()):
+    if dest.is_dir() != directory:  # --force would not help: a file is not replaced by a directory
+        raise DataError(f"{dest}: exists and is {'not ' if directory else ''}a directory; choose another path")
+    if directory and not any(dest.iterdir()):
         return  # an empty directory the user made for us
     if not force:
-        what = "a non-empty directory" if dest.is_dir() else "a file"
+        what = "a non-empty directory" if directory else "a file"
         raise DataError(f"{dest}: already exists ({what}); choose another path or pass --force to replace it")
-    if dest.is_dir() != directory:
-        raise DataError(f"{dest}: exists and is {'not ' if directory else ''}a directory; choose another path")
 
 
 @contextlib.contextmanager

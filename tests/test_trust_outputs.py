@@ -227,7 +227,7 @@ def test_an_existing_output_is_never_overwritten(run, tmp_path, capsys, command)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     file = tmp_path / "file"
     file.write_text("keep")
-    one_line(capsys, main, *argv(run, file), fragments=[str(file), "already exists"])
+    one_line(capsys, main, *argv(run, file), fragments=[str(file), "not a directory"])
     assert file.read_text() == "keep"
 
 
@@ -512,7 +512,17 @@ def classifier(run):
 
 def test_eval_refuses_a_classification_run(classifier, text, capsys):
     one_line(capsys, eval_main, classifier, "--tasks", f"ppl:{text}", fragments=["train.task = 'classify'",
-                                                                               "lm.classify"])
+                                                                               "not a language model"])
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_quantize_prune_export_refuse_a_classification_run(classifier, tmp_path, capsys, command):
+    """Each would drop the classification head and write a language model nobody trained."""
+    main, argv = COMMANDS[command]
+    run = classifier.parent
+    args = [classifier if str(a) == str(run / "run") else a for a in argv(run, tmp_path / "o")]
+    one_line(capsys, main, *args, fragments=["train.task = 'classify'"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_harness_refuses_a_classification_run(classifier):

@@ -38,18 +38,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def load_lm(path, device: torch.device):
-    """(checkpoint, model) of a language-model run: a classifier's scores are not next-token likelihoods."""
-    from lm.export import load
-
-    ckpt = checkpoint.resolve(path)
-    task = checkpoint.load_config(ckpt).train.task
-    if task != "lm":
-        raise checkpoint.CheckpointError(f"{ckpt}: a train.task = '{task}' run, not a language model; lm.eval "
-                                         "scores language models (classify texts with python -m lm.classify)")
-    return load(ckpt, device)
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +71,9 @@ def evaluate(args) -> dict:
     if not specs:
         raise ValueError("--tasks: no task given")
     device = pick_device(args.device)
-    ckpt, model = load_lm(args.path, device)  # after the cheap checks: this builds the model
+    from lm.export import load  # after the cheap checks: this builds the model
+
+    ckpt, model = load(args.path, device)
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(ckpt)
     block = model.cfg.block_size

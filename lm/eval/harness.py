@@ -47,7 +47,7 @@ class LMForge(LM):
     def __init__(self, run=None, device=None, batch_size=8, max_batch_size=None, stride=0, dtype="float32",
                  max_gen_toks=256, seed=1234):
         super().__init__()
-        from lm.eval.__main__ import load_lm
+        from lm.export import load
 
         if not run:
             raise DataError("lmforge: no run given; pass --model_args run=RUN (a run, checkpoint or exported "
@@ -55,7 +55,7 @@ class LMForge(LM):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype not in ("float32", "bfloat16"):
             raise DataError(f"lmforge: dtype={dtype!r}; choose float32 or bfloat16")
-        ckpt, model = load_lm(str(run), self._device)
+        ckpt, model = load(str(run), self._device)
         self.model = model.to(device=self._device, dtype=getattr(torch, dtype))
         self.tokenizer = load_tokenizer(ckpt)
         self.block_size = self.model.cfg.block_size
