@@ -109,23 +109,18 @@ def predict(model, tokenizer, cfg: Config, texts: list[str], batch_size: int = 3
 
 
 def _read_texts(path: Path, field: str) -> list[str]:
-    """A JSONL file's `field` per line, or a text file's non-empty lines; at least one."""
+    """A JSONL file's `field` per record, or a text file's non-empty lines; at least one."""
+    from data_prep import jsonl_objects
     from lm.files import read_text
 
-    lines = read_text(path, "file of texts").splitlines()
-    if path.suffix != ".jsonl":
-        texts = [line for line in lines if line.strip()]
-    else:
+    if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise DataError(f"{path}:{number}: has no string field '{field}'")
-                texts.append(record[field])
+        for number, record in jsonl_objects(path, "texts to classify"):
+            if not isinstance(record.get(field), str):
+                raise DataError(f"{path}: line {number}: has no string field '{field}'")
+            texts.append(record[field])
+    else:
+        texts = [line for line in read_text(path, "file of texts").splitlines() if line.strip()]
     if not texts:
         raise DataError(f"{path}: no texts to classify (the file is empty or blank)")
     return texts

@@ -61,6 +61,16 @@ def validation_sets(cfg: Config, sources: list[tuple[str, float, str]], data_dir
     return sets
 
 
+def rank_batches(n: int, batch_size: int, world):
+    """(start, count) of the batches this rank scores of n rows: a contiguous share of them. Every rank runs
+    the same number of batches (FSDP gathers weights collectively): an idle one gets count 0 and scores a
+    dummy row with weight 0."""
+    share = math.ceil(n / world.size)
+    first, end = world.rank * share, min(n, (world.rank + 1) * share)
+    for start in range(first, first + share, batch_size):
+        yield start, max(0, min(batch_size, end - start))
+
+
 class Evaluator:
     """Scores the model on every validation set; keeps each set's first loss (its state in checkpoints)."""
 
@@ -90,14 +100,10 @@ class Evaluator:
         share; every rank runs the same number of forwards (FSDP gathers weights collectively), an idle one
         on a dummy window with weight 0."""
         n = getattr(val, "sequences", None) or self.sequences  # a packed SFT set: each row once
-        b, w, r = self.batch_size, self.world.size, self.world.rank
-        share = math.ceil(n / w)
-        first, end = r * share, min(n, (r + 1) * share)
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         was_training = model.training
         model.eval()
-        for start in range(first, first + share, b):
-            count = max(0, min(b, end - start))
+        for start, count in rank_batches(n, self.batch_size, self.world):
             x, y = val.stream.batch(start if count else 0, max(count, 1), self.device)
             with self.autocast():
                 loss = model(x, y)[1].double()

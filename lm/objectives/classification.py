@@ -7,7 +7,6 @@ inference are lm/classify.py.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from lm import checkpoint
 from lm.classify import BEST_DIR, LABELS_FILE, class_logits, detached_head
 from lm.classify_data import Batcher, ClassificationData, ExampleSampler, Examples, load_data, pad
 from lm.config import Config, ConfigError
+from lm.evaluation import rank_batches
 from lm.initialize import load_initial_weights
 from lm.objectives.base import Objective
 
@@ -94,15 +94,12 @@ class ClassifyEvaluator:
 
     @torch.no_grad()
     def evaluate(self, model, step: int) -> dict:
-        n, b, w, r = len(self.val), self.batch_size, self.world.size, self.world.rank
-        share = math.ceil(n / w)
-        first, end = r * share, min(n, (r + 1) * share)
+        n = len(self.val)
         # each rank fills its rows' predictions (zeros elsewhere), so one sum over ranks gathers them all
         totals = torch.zeros(n + 1, dtype=torch.float64, device=self.device)  # predictions, loss sum
         was_training = model.training
         model.eval()
-        for start in range(first, first + share, b):
-            count = max(0, min(b, end - start))
+        for start, count in rank_batches(n, self.batch_size, self.world):
             rows = list(range(start, start + count)) or [0]
             ids, lengths = pad([self.val.rows[i] for i in rows], self.pad_id, self.device)
             with self.autocast():
