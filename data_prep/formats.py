@@ -6,6 +6,7 @@ skipped, or raise DataError in strict mode.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -19,6 +20,7 @@ from .tally import Tally
 COMPRESSIONS = (".gz", ".zst", ".zstd")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SNIFF_BYTES = 8192
+_READ_BYTES = 1 << 20
 
 
 def split_suffix(path: Path) -> tuple[str, str]:
@@ -45,15 +47,26 @@ def open_stream(path, comp: str) -> BinaryIO:
 
 
 def read_text(path: Path, comp: str, skipped: Tally) -> Iterator[tuple[str, str]]:
+    """The file as one document, decoded as it is read: a binary file (a 1 GB shared library under a
+    directory input) is given up at its first undecodable byte, not read whole first."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts: list[str] = []
+    head = b""
     with open_stream(path, comp) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        # NUL bytes are legal UTF-8 text; only NULs *and* undecodable bytes mean "binary".
-        skipped.add("binary_file" if b"\x00" in data[:_SNIFF_BYTES] else "invalid_utf8", str(path))
-        return
-    del data  # not held while the text is used: a huge file would count twice
+        while True:
+            chunk = f.read(_READ_BYTES)
+            if len(head) < _SNIFF_BYTES:
+                head += chunk[:_SNIFF_BYTES - len(head)]
+            try:
+                parts.append(decoder.decode(chunk, final=not chunk))
+            except UnicodeDecodeError:
+                # NUL bytes are legal UTF-8 text; only NULs *and* undecodable bytes mean "binary".
+                skipped.add("binary_file" if b"\x00" in head else "invalid_utf8", str(path))
+                return
+            if not chunk:
+                break
+    text = "".join(parts)
+    del parts  # not held while the text is used: a huge file would count twice
     yield text, str(path)
 
 
