@@ -2,6 +2,7 @@
 
     python bench/data_prep.py [TEXT_FILE ...] [--workers 1 2]          (default: ../shared/data/*.txt + stdlib)
     python bench/data_prep.py --rss 100 1000                           (peak RSS on 100 MB and 1 GB corpora)
+    python bench/data_prep.py --one-line 200                           (peak RSS on a 200 MB single-line document)
     python bench/data_prep.py --smoke
 
 Per corpus (each file given, plus the interpreter's stdlib .py files), with one byte-level BPE trained up
@@ -131,9 +132,27 @@ def synthetic_corpus(directory: Path, megabytes: int, lines: list[str], seed: in
     return written
 
 
-def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str]) -> dict:
-    src = tmp / f"synthetic_{megabytes}"
-    nbytes = synthetic_corpus(src, megabytes, lines)
+def one_line_corpus(directory: Path, megabytes: int, lines: list[str], seed: int = 0) -> int:
+    """One document of `megabytes` MB on a single line (lines drawn at random, joined by spaces) beside two
+    small ones (so dedup runs on it); bytes written."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+    written = 0
+    with open(directory / "one_line.txt", "w", encoding="utf-8") as f:
+        while written < megabytes * 1_000_000:
+            piece = " ".join(rng.choice(lines).strip() for _ in range(1000)) + " "
+            f.write(piece)
+            written += len(piece.encode("utf-8"))
+    for name in ("a.txt", "b.txt"):
+        text = "\n".join(rng.choice(lines) for _ in range(100))
+        (directory / name).write_text(text, encoding="utf-8")
+        written += len(text.encode("utf-8"))
+    return written
+
+
+def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str], build=synthetic_corpus) -> dict:
+    src = tmp / f"{build.__name__}_{megabytes}"
+    nbytes = build(src, megabytes, lines)
     out = tmp / f"out_{megabytes}"
     t0 = time.perf_counter()
     # VmHWM: the child's own peak. ru_maxrss would not do: Linux carries it over fork and exec, so a child of
@@ -149,7 +168,8 @@ def peak_rss(tmp: Path, tokdir: Path, megabytes: int, lines: list[str]) -> dict:
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(src)
     shutil.rmtree(out)
-    return {"mb": round(nbytes / 1e6, 1), "documents": meta["source"]["documents"], "seconds": round(seconds, 1),
+    return {"corpus": build.__name__, "mb": round(nbytes / 1e6, 1), "documents": meta["source"]["documents"],
+            "seconds": round(seconds, 1),
             "peak_rss_mb": round(rss_kb / 1024, 1), "mb_s": round(nbytes / 1e6 / seconds, 2)}
 
 
@@ -160,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--repeat", type=int, default=2, help="best of this many runs per measurement")
     p.add_argument("--rss", type=int, nargs="*", default=None, metavar="MB", help="peak RSS on synthetic corpora")
+    p.add_argument("--one-line", type=int, nargs="+", default=None, metavar="MB",
+                   help="peak RSS on a corpus whose one document is a single line of MB megabytes")
     p.add_argument("--smoke", action="store_true", help="a tiny corpus, one repeat: the wiring only")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_prep.json"))
     args = p.parse_args(argv)
@@ -179,9 +201,11 @@ def main(argv=None) -> int:
         tokdir = tmp / "tok"
         tokdir.mkdir()
         tok.save(tokdir)
-        if args.rss is not None:
+        if args.rss is not None or args.one_line:
             lines = [line for texts in all_texts.values() for t in texts for line in t.splitlines() if line.strip()]
-            results["rss"] = [peak_rss(tmp, tokdir, mb, lines) for mb in (args.rss or [100, 1000])]
+            sizes = (args.rss or []) if args.one_line else (args.rss or [100, 1000])
+            results["rss"] = [peak_rss(tmp, tokdir, mb, lines) for mb in sizes]
+            results["rss"] += [peak_rss(tmp, tokdir, mb, lines, one_line_corpus) for mb in args.one_line or []]
         else:
             for name, inputs, exclude in chosen:
                 results["corpora"].append(measure(name, inputs, exclude, all_texts[name], tok, tokdir, tmp, args))
@@ -234,7 +258,8 @@ def report(results: dict) -> None:
         for c in results["corpora"]:
             print(f"{c['corpus']:<20} " + " ".join(f"{c['stages_s'][n]:>18.3f}" for n in names))
     for r in results.get("rss", []):
-        print(f"synthetic {r['mb']:>7.1f} MB, {r['documents']} documents: peak RSS {r['peak_rss_mb']} MB, "
+        print(f"{r.get('corpus', 'synthetic_corpus'):<16} {r['mb']:>7.1f} MB, {r['documents']} documents: "
+              f"peak RSS {r['peak_rss_mb']} MB, "
               f"{r['seconds']} s ({r['mb_s']} MB/s, 2 workers)")
 
 
