@@ -201,7 +201,7 @@ def main(argv=None) -> int:
                                             "and serving (sample.py and lm.eval read it)")
     p.add_argument("path", help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
-    p.add_argument("--group-size", type=int, default=64, help="int4: input columns per scale")
+    p.add_argument("--group-size", type=int, default=64, help="int4: input columns per scale (even, at most the narrowest matrix's columns)")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
