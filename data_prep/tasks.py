@@ -226,8 +226,8 @@ class Task:
 
         bands = np.concatenate([_read_rows(_task_dir(self.out, t) / f"bands-to-{k:05d}.bin", _BAND) for t in range(n)])
         bands.sort(order=["band", "key", "order"])
-        sigs = {t: np.memmap(_task_dir(self.out, t) / "sigs.u32", dtype=np.uint32, mode="r").reshape(-1, self.minhash.num_perm)
-                for t in range(n) if (_task_dir(self.out, t) / "sigs.u32").stat().st_size}
+        width = np.dtype((np.uint32, self.minhash.num_perm))
+        sigs = {t: _read_rows(_task_dir(self.out, t) / "sigs.u32", width, mmap=True) for t in range(n)}
         same = np.r_[False, (bands["band"][1:] == bands["band"][:-1]) & (bands["key"][1:] == bands["key"][:-1])]
         starts = np.flatnonzero(~same)
         pairs = 0
@@ -262,10 +262,10 @@ class Task:
     def _encode(self) -> None:
         self._wait_for("match")
         cfg = self.config
-        docs = np.load(self.path / "docs.npy")
+        docs = _load_npy(self.path / "docs.npy", _DOCS)
         flags = np.zeros(len(docs), dtype=np.uint8)
         for t in range(self.tasks):
-            rows = np.load(_task_dir(self.out, t) / f"flags-to-{self.task:05d}.npy")
+            rows = _load_npy(_task_dir(self.out, t) / f"flags-to-{self.task:05d}.npy", _FLAGS)
             np.bitwise_or.at(flags, rows["index"], rows["flags"])
         side, reasons = resolve(docs["side"].copy(), flags, cfg["dedup"], cfg["leakage"])
         tok = load_tokenizer(Path(cfg["tokenizer_dir"]))
@@ -359,11 +359,26 @@ class _RowSpill:
     close = flush
 
 
-def _read_rows(path: Path, dtype: np.dtype) -> np.ndarray:
+def _read_rows(path: Path, dtype: np.dtype, mmap: bool = False) -> np.ndarray:
+    """A stage's raw rows (`dtype` records) from another task, checked to be whole."""
     size = path.stat().st_size if path.is_file() else -1
     if size < 0 or size % dtype.itemsize:
-        raise DataError(f"{path}: missing or cut short (rerun this task's sign stage: delete its sign.done)")
+        raise DataError(f"{path}: missing or cut short (rerun the stage that wrote it: delete its .done file)")
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     return np.fromfile(path, dtype=dtype)
+
+
+def _load_npy(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A stage's .npy file, never unpickled, with the record type it must have."""
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: missing or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                        f"rerun the stage that wrote it: delete its .done file)") from None
+    if rows.dtype != dtype or rows.ndim != 1:
+        raise DataError(f"{path}: holds {rows.dtype} rows of shape {rows.shape}, expected {dtype}")
+    return rows
 
 
 def _mix(keys: np.ndarray) -> np.ndarray:
@@ -463,7 +478,10 @@ def _check_shard(directory: Path, shard: dict, dtype: str, vocab_size: int) -> N
     path = directory / shard["file"]
     if not path.is_file():
         raise DataError(f"{path}: shard named in the task's manifest is missing")
-    tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if path.stat().st_size else np.zeros(0)
+    width = np.dtype(dtype).newbyteorder("<")
+    if path.stat().st_size % width.itemsize:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, not whole {dtype} tokens (a partial shard)")
+    tokens = np.memmap(path, dtype=width, mode="r") if path.stat().st_size else np.zeros(0)
     if tokens.size != shard["tokens"]:
         raise DataError(f"{path}: {tokens.size} tokens, the task's manifest says {shard['tokens']}")
     digest, bad = scan_tokens(tokens, "crc32", vocab_size)

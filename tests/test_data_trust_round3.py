@@ -144,8 +144,10 @@ def test_merge_of_missing_or_partial_task_output_is_one_line_each(finished_tasks
     shard = json.loads((root / f"task-{k:05d}" / "encode.done").read_text())["entries"]["train"]["shards"][0]
     path = root / f"task-{k:05d}" / shard["file"]
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # a partial shard
+    path.write_bytes(data[: len(data) // 2 // 2 * 2])  # a partial shard
     assert_user_error(data_prep_cli("merge", out), shard["file"], "tokens, the task's manifest says")
+    path.write_bytes(data[:-1])  # cut inside a token
+    assert_user_error(data_prep_cli("merge", out), shard["file"], "a partial shard")
     path.unlink()
     assert_user_error(data_prep_cli("merge", out), shard["file"], "is missing")
     path.write_bytes(data)
@@ -508,3 +510,23 @@ def test_a_big_binary_file_under_a_directory_is_skipped_without_reading_it_whole
     assert [d.text for d in docs] == ["héllo " * 1000]
     assert stats.skipped.to_json()["binary_file"]["count"] == 1
     assert peak < 4 << 20, f"{peak >> 20} MB traced for a 20 MB binary file"
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("docs.npy", b"not numpy"), ("exact-to-00000.bin", b"\x01\x02\x03"), ("bands-to-00001.bin", b"\x01"),
+    ("sigs.u32", b"\x01\x02\x03\x04\x05"), ("flags-to-00001.npy", b"junk")])
+def test_a_damaged_stage_file_between_stages_is_one_line(small_src, tmp_path, name, damage):
+    src, tok = small_src
+    out = tmp_path / "out"
+    kw = dict(tokenizer_dir=tok, val_fraction=0.2, show_progress=False, tasks=2)
+    last = "match" if name.startswith("flags") else "sign"
+    for stage in STAGES[:STAGES.index(last) + 1]:
+        for k in (0, 1):
+            prepare([str(src)], out, task=k, stage=stage, **kw)
+    path = tmp_path / "out.tmp-tasks" / "task-00000" / name
+    path.write_bytes(damage)
+    with pytest.raises(DataError) as e:
+        for stage in STAGES[STAGES.index(last) + 1:]:
+            for k in (1, 0):
+                prepare([str(src)], out, task=k, stage=stage, **kw)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
