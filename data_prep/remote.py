@@ -136,12 +136,7 @@ class RetryingStream(io.RawIOBase):
         return data
 
     def close(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:  # closing a broken connection must not hide the real error
-                pass
-            self._file = None
+        self._close_file()
         super().close()
 
     def _attempt(self, action, what: str, reopen: bool = True):
@@ -158,13 +153,13 @@ class RetryingStream(io.RawIOBase):
                     self._reopen()
 
     def _reopen(self) -> None:
-        try:
-            if self._file is not None:
-                self._file.close()
-        except Exception:
-            pass
+        self._close_file()
         try:
             self._file = self._opener()
+        except Exception as e:
+            self._file = _Broken(e)  # the next attempt fails with this and counts as a retry
+            return
+        try:
             if self._pos:
                 try:
                     self._file.seek(self._pos)
@@ -175,8 +170,18 @@ class RetryingStream(io.RawIOBase):
                         if not got:
                             raise OSError("the file is shorter than before")
                         left -= got
-        except Exception:
-            self._file = _Broken()  # the next attempt fails and counts as a retry
+        except Exception as e:
+            self._close_file()  # its connection too: left open, aiohttp complains at exit
+            self._file = _Broken(e)
+
+    def _close_file(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:  # closing a broken connection must not hide the real error
+            pass
+        self._file = None
+
 
 def _status(e: BaseException) -> int | None:
     """The HTTP status behind an error: fsspec reports any failed HEAD or GET as FileNotFoundError, raised
@@ -226,5 +231,13 @@ def close_sessions() -> None:
 
 
 class _Broken:
+    """Stands for a file that could not be reopened: every use raises why."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def close(self) -> None:
+        pass
+
     def __getattr__(self, name):
-        raise OSError("connection could not be reopened")
+        raise OSError(f"reopening failed ({type(self.error).__name__}: {self.error})")

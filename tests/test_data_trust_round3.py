@@ -386,11 +386,16 @@ class _FlakyServer:
                 server.requests.append((self.command, name))
                 queue = server.fail.get(name) or []
                 status = queue.pop(0) if queue else (200 if name in server.files else 404)
-                data = server.files.get(name, b"") if status == 200 else b"error page"
-                self.send_response(status)
+                data = server.files.get(name, b"") if status in (200, "drop") else b"error page"
+                self.send_response(200 if status == "drop" else status)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if body:
+                    if status == "drop":  # the connection breaks off half way through the body
+                        self.wfile.write(data[:len(data) // 2])
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                        return
                     self.wfile.write(data)
 
             def do_HEAD(self):
@@ -445,11 +450,13 @@ def test_transient_5xx_then_success_prepares_and_a_404_is_no_such_file(flaky, tm
     assert len([r for r in flaky.requests if r[1] == "missing.txt"]) <= 2  # a 404 is not retried
 
 
-def test_a_stream_failing_mid_read_does_not_leave_unclosed_session_warnings(flaky, tmp_path):
+@pytest.mark.parametrize("failure,fragment", [(500, "HTTP 500"), ("drop", "read failed after")])
+def test_a_stream_failing_mid_read_does_not_leave_unclosed_session_warnings(flaky, tmp_path, failure, fragment):
     url = f"{flaky.url}/a.txt"
-    flaky.fail["a.txt"] = [200] + [500] * 100  # listed, then every GET fails
+    flaky.files["a.txt"] = b"word " * 400_000  # 2 MB: a connection is mid-body when it breaks
+    flaky.fail["a.txt"] = [200] + [failure] * 100  # listed, then every GET fails
     result = _cli_with_fast_retries("prepare", url, "--out", tmp_path / "out", "--quiet", "--tokenizer", "char")
-    assert_user_error(result, url, "HTTP 500")
+    assert_user_error(result, url, fragment)
     assert "Unclosed" not in result.stderr, result.stderr
 
 
