@@ -90,7 +90,10 @@ class ShardWriter:
         self._tokens = 0
 
     def _close_shard(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # flushes: a full disk fails here too
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self._bin_tmp)) from None
         os.replace(self._bin_tmp, self._bin_path)
         idx_path = self._bin_path.with_suffix(".idx")
         idx_bytes = np.asarray(self._offsets, dtype=_IDX_DTYPE).tobytes()

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .cleaning import CleanConfig, Cleaner
 from .dedup import BUCKET_CAP, LSHIndex, MinHashConfig, MinHasher, exact_key
 from .errors import DataError
-from .fileio import COUNT, FRACTION, atomic_write_json, file_sha256, read_json
+from .fileio import COUNT, FRACTION, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, resolve, val_score
 from .shards import META_FILE, dtype_for_vocab, scan_tokens
 from .sources import Document, SourceStats, iter_files
@@ -434,7 +434,7 @@ def merge(out: Path, overwrite: bool = False) -> dict:
                     if (_task_dir(out, k) / name).is_file():
                         os.replace(_task_dir(out, k) / name, staging / name)
     tok_path = Path(config["tokenizer_dir"]) / tok.file_name
-    (staging / tok.file_name).write_bytes(tok_path.read_bytes())
+    atomic_write_bytes(staging / tok.file_name, tok_path.read_bytes())
     removed, modified, skipped = Tally(), Tally(), Tally()
     for r in results:
         for total, part in ((removed, r["removed"]), (modified, r["modified"]), (skipped, r["skipped"])):

@@ -537,3 +537,13 @@ def test_a_damaged_stage_file_between_stages_is_one_line(small_src, tmp_path, na
             for k in (1, 0):
                 prepare([str(src)], out, task=k, stage=stage, **kw)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_full_disk_during_merge_is_one_line_and_a_rerun_publishes(finished_tasks, tmp_path):
+    out, root = _copy_tasks(finished_tasks, tmp_path)
+    result = _cli_with_file_size_limit(200, "merge", out)
+    assert_user_error(result, str(root))
+    assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+    result = data_prep_cli("merge", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "meta.json").is_file()
