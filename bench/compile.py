@@ -7,8 +7,9 @@
 Prints a table (registers, spill bytes per thread, shared memory per block, compile seconds, matrix
 instructions) and a summary per kernel, and writes both as JSON. Exit code 1 when any config spills,
 needs more shared memory than the target has, or fails to compile. Each run compiles into a fresh
-Triton cache, so the seconds are cold compiles (parallel jobs share the CPU: seconds measured with
---jobs 1 are the per-kernel cost; bench/gpu.py --plan reads them). How it compiles: kernels/compile_check.py.
+Triton cache, so the seconds are cold compiles: `seconds` is wall time (it grows when jobs or other
+work share the cores), `cpu_s` the CPU time of the compile and its ptxas, which bench/gpu.py --plan
+reads. How it compiles: kernels/compile_check.py.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.pop("TRITON_INTERPRET", None)  # kernels decorated for the interpreter cannot compile for a GPU
 
-COLUMNS = ("kernel", "dtype", "dim", "feature", "config", "regs", "spill", "shared", "seconds", "mma", "ok")
+COLUMNS = ("kernel", "dtype", "dim", "feature", "config", "regs", "spill", "shared", "seconds", "cpu_s", "mma", "ok")
 
 
 def table(rows: list[dict], columns=COLUMNS) -> str:
@@ -63,6 +64,7 @@ def summary(rows: list[dict]) -> list[dict]:
                         max_shared_kb=round(max((r["shared"] for r in good), default=0) / 1024),
                         over_shared=sum(not r["ok"] and r["spill"] == 0 for r in good),
                         errors=len(rs) - len(good), seconds=round(sum(r["seconds"] for r in rs), 1),
+                        cpu_s=round(sum(r.get("cpu_s", 0) for r in good), 1),
                         max_seconds=max(r["seconds"] for r in rs)))
     return out
 

@@ -11,8 +11,8 @@ so whose rounding, changes run to run; a deterministic reduction instead stores 
 key block: T/BLOCK_N times dQ's size in memory). Causal grids launch the heaviest blocks first (the
 last query blocks; key block 0), so the long programs do not form the tail.
 
-On a GPU, fp32 products run on tensor cores as 3xTF32 (about fp32's accuracy), and head dims above
-128 (where dK/dV cannot hold its accumulators without spilling) go to PyTorch: see runs_on_gpu.
+On a GPU, fp32 and head dims above 128 go to PyTorch (sdpa_fallback; see MAX_GPU_HEAD_DIM for why):
+the interpreter runs every dtype and head dim, which is how the tests check the kernels on a CPU.
 
 Grouped-query attention: q has H heads, k and v have Hkv (H % Hkv == 0); query head h reads kv head
 h // (H // Hkv) by pointer arithmetic, so K/V are never repeated in memory. A dK/dV program owns one
@@ -55,48 +55,45 @@ def _c(m, n, w, s):
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 
-# The configs each kernel ships, per (operand bytes, head dim[, "dropout"]); the autotuner picks among
+# The configs each kernel ships for bf16/fp16, per head dim (and dropout); the autotuner picks among
 # them. Each compiles for sm_90 without spilling registers and within shared memory in every feature
 # (causal, full, grouped K/V, documents, dropout): `python bench/compile.py` lists them, and
-# tests/test_compile.py checks the bf16 ones. Dropout's random numbers take ~40 registers a thread, so
-# it gets smaller blocks where the plain configs would spill. Head dims 16 and 32 use the 64 lists;
-# D=256 (no dK/dV config fits without spilling) and fp32 beyond D=128 go to PyTorch (runs_on_gpu).
+# tests/test_compile.py checks them. Dropout's random numbers take ~40 registers a thread, so it gets
+# smaller blocks where the plain configs would spill. Head dims 16 and 32 use the 64 lists.
 _GPU_CONFIGS = {
     "fwd": {
-        (2, 64): [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
-        (2, 128): [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
-        (4, 64): [_c(64, 32, 4, 2)],
-        (4, 128): [_c(64, 32, 4, 2)],
+        64: [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
+        128: [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
     },
     "dkdv": {
-        (2, 64): [_c(32, 128, 8, 3), _c(32, 64, 4, 2)],
-        (2, 128): [_c(32, 128, 8, 2), _c(32, 64, 8, 2), _c(16, 128, 8, 2)],
-        (2, 128, "dropout"): [_c(16, 128, 8, 2)],
-        (4, 64): [_c(32, 64, 4, 2)],
-        (4, 128): [_c(16, 64, 4, 2)],
+        64: [_c(32, 128, 8, 3), _c(64, 128, 8, 2), _c(32, 64, 4, 2)],
+        (64, "dropout"): [_c(32, 128, 8, 3), _c(32, 64, 4, 2)],
+        128: [_c(32, 128, 8, 2), _c(32, 64, 8, 2), _c(16, 128, 8, 2)],
+        (128, "dropout"): [_c(16, 128, 8, 2)],
     },
     "dq": {
-        (2, 64): [_c(128, 64, 8, 2), _c(128, 32, 8, 3), _c(64, 64, 4, 2)],
-        (2, 128): [_c(128, 64, 8, 2), _c(128, 32, 8, 3)],
-        (4, 64): [_c(64, 32, 4, 2)],
-        (4, 128): [_c(64, 32, 4, 2)],
+        64: [_c(128, 64, 8, 2), _c(128, 32, 8, 3), _c(64, 64, 4, 2)],
+        128: [_c(128, 64, 8, 2), _c(128, 32, 8, 3)],
     },
 }
+# Above this head dim dK/dV cannot hold its accumulators without spilling (bf16 D=256: 1.1-1.4 KB a
+# thread in every config); fp32 as 3xTF32 spills in dK/dV already at D=64 (200 B; 816 B at 128), and
+# as plain fp32 ("ieee") it is FMA loops: minutes to compile, 10-20 KB spilled. Both go to PyTorch.
 MAX_GPU_HEAD_DIM = 128
 
 
 def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int, dropout: bool = False) -> list[dict]:
-    """The GPU configs `kernel` (fwd, dkdv, dq) ships for this dtype and head dim; dropout has lists of
-    its own where its random numbers would make the plain ones spill."""
+    """The GPU configs `kernel` (fwd, dkdv, dq) ships for this head dim (bf16/fp16; D=256 and fp32 run
+    in PyTorch on a GPU, so their lists are the D=128 ones, used only if such a launch is forced)."""
     table = _GPU_CONFIGS[kernel]
-    key = (dtype.itemsize, max(head_dim, 64))
-    return (dropout and table.get(key + ("dropout",))) or table[key]
+    key = min(max(head_dim, 64), MAX_GPU_HEAD_DIM)
+    return (dropout and table.get((key, "dropout"))) or table[key]
 
 
 def runs_on_gpu(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a CUDA launch of this dtype and head dim runs our kernels; else flash_attention hands it
     to PyTorch (sdpa_fallback). The interpreter runs every head dim."""
-    return head_dim <= MAX_GPU_HEAD_DIM
+    return head_dim <= MAX_GPU_HEAD_DIM and dtype != torch.float32
 
 
 def _all_configs(kernel: str) -> list[dict]:
@@ -513,9 +510,8 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 
 def _precision(dtype: torch.dtype, interpret: bool = INTERPRET) -> str:
-    """fp32 dots on the GPU as 3xTF32 (hi/lo split, three tensor-core products: about fp32's accuracy;
-    "ieee" would be FMA loops that take minutes to compile and spill); the interpreter computes in fp32.
-    The setting is ignored for fp16/bf16 operands."""
+    """The interpreter computes in fp32. On a GPU fp32 goes to PyTorch (runs_on_gpu); were it forced
+    through here, 3xTF32 keeps it on tensor cores at about fp32's accuracy. fp16/bf16 ignore it."""
     return "ieee" if interpret else "tf32x3" if dtype == torch.float32 else "tf32"
 
 

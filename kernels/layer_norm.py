@@ -1,6 +1,6 @@
 """Fused LayerNorm and RMSNorm in Triton: fp32 statistics, one row per program, deterministic dW/dB.
 
-One pair of kernels serves both norms: IS_RMS (a compile-time flag) drops the mean subtraction and
+One pair of kernels serves both norms (rows past MAX_FUSED_BWD_N take the backward in PyTorch): IS_RMS (a compile-time flag) drops the mean subtraction and
 the bias, y = x * rsqrt(mean(x^2) + eps) * w. Forward keeps mean (LayerNorm only) and rstd in fp32
 for backward. Backward computes dx in the same pass and writes
 per-program fp32 partial sums of dW/dB (each program owns a contiguous group of rows), which torch
@@ -15,6 +15,10 @@ import triton.language as tl
 from kernels._triton import INTERPRET, check_device
 
 MAX_N = 16384  # one row must fit in one program's registers
+# The fused backward holds x, dy, w and the dW/dB sums of a row in registers: past 8192 columns that is
+# more than 128 registers a thread can hold (Hopper, 16 warps: 176-336 B spilled at 16384), so wider
+# rows take the backward in PyTorch from the saved statistics (same formulas, fp32, deterministic).
+MAX_FUSED_BWD_N = 8192
 
 
 @triton.jit
@@ -121,6 +125,8 @@ class _Norm(torch.autograd.Function):
         x2, weight, mean, rstd = ctx.saved_tensors
         M, N = x2.shape
         dy2 = dy.reshape(-1, N).contiguous()
+        if N > MAX_FUSED_BWD_N:
+            return (*_wide_backward(ctx, x2, dy2, weight, mean, rstd), None, None)
         dx = torch.empty_like(x2)
         groups = _num_partials(x2, M)
         rows_per_program = triton.cdiv(M, groups) if M > 0 else 1
@@ -134,6 +140,18 @@ class _Norm(torch.autograd.Function):
                                num_warps=_num_warps(block))
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), dbias, None, None
+
+
+def _wide_backward(ctx, x2, dy2, weight, mean, rstd):
+    """dx, dW, dB of rows wider than MAX_FUSED_BWD_N, in fp32 PyTorch: _ln_bwd's formulas."""
+    x, dy, w = x2.float(), dy2.float(), weight.float()
+    xhat = x * rstd[:, None] if ctx.rms else (x - mean[:, None]) * rstd[:, None]
+    wdy = w * dy
+    c1 = (wdy * xhat).mean(1, keepdim=True)
+    dx = (wdy - xhat * c1) if ctx.rms else (wdy - (xhat * c1 + wdy.mean(1, keepdim=True)))
+    dx = (dx * rstd[:, None]).to(x2.dtype)
+    dbias = dy.sum(0).to(weight.dtype) if ctx.has_bias else None
+    return dx.view(ctx.shape), (dy * xhat).sum(0).to(weight.dtype), dbias
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5):

@@ -68,8 +68,15 @@ def test_smoke_json_holds_the_measurements(smoke):
     assert env["triton interpreter"] == "on"
     assert {r["split"] for r in table(stages["data"])} == {"train", "val"}
 
+    compiled = table(stages["compile"])
+    assert compiled and all(r.get("error") is None for r in compiled), compiled
+    assert {r["kernel"] for r in compiled} == {"fwd", "ln_fwd", "ln_bwd"}
+
     checks = table(stages["kernel_check"])
     assert all(r["pass"] is True for r in checks)
+    names = [r["check"] for r in checks]
+    assert names[:3] == ["attention gqa", "attention gqa docs=5", "attention docs=3 p=0.3"]  # the modern ones first
+    assert any(n.startswith("attention tuned") for n in names)
     attention = [r for r in checks if r["check"].startswith("attention")]
     assert {r["dtype"] for r in attention} == {"bf16", "fp16", "fp32"}
     assert {r["shape"].split()[-1] for r in attention} == {"D64", "D128"}
@@ -80,7 +87,10 @@ def test_smoke_json_holds_the_measurements(smoke):
 
     speed = table(stages["attention_speed"])
     assert {r["mode"] for r in speed} == {"fwd", "bwd", "fwd+bwd"}
-    assert all(r["ours"] > 0 and r["sdpa_flash"] > 0 and r["ours_vs_flash"] > 0 for r in speed)
+    assert {r["variant"] for r in speed} == {"mha", "gqa2", "gqa2 docs=4"}  # smoke: 2 heads, so 2 per kv head
+    mha = [r for r in speed if r["variant"] == "mha"]
+    assert all(r["ours"] > 0 and r["sdpa_flash"] > 0 and r["ours_vs_flash"] > 0 and r["tuned"] for r in mha)
+    assert all(r["ours"] > 0 and r["sdpa"] > 0 for r in speed if r["variant"] != "mha")
     assert any("sdpa_cudnn" in r.get("note", "") for r in stages["attention_speed"]["rows"])  # no cuDNN on CPU
     ln = table(stages["layernorm_speed"])
     assert all(r["ours"] > 0 and r["torch"] > 0 and r["compiled"] > 0 for r in ln)
@@ -96,6 +106,8 @@ def test_smoke_json_holds_the_measurements(smoke):
     assert big[0]["source"].startswith("measured") and big[1]["source"].startswith("planner")
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in big)
 
+    progress = [r for r in stages["quickstart_200"]["rows"] if "step" in r]
+    assert progress and all(math.isfinite(r["triton_loss"]) for r in progress)  # written while it trains
     runs = table(stages["quickstart_200"])
     assert [r["path"] for r in runs][:2] == ["triton", "sdpa"]
     assert runs[-1]["pass"] is True and runs[-1]["last50_mean_loss"] < 0.05
@@ -105,6 +117,21 @@ def test_budgets_fit_the_window():
     gpu = load_gpu_bench()
     assert sum(s.budget_s for s in gpu.STAGES) < 450 <= gpu.TOTAL_LIMIT_S
     assert len({s.name for s in gpu.STAGES}) == len(gpu.STAGES)
+    assert gpu.STAGES[0].name == "compile"  # before any stage that launches a kernel
+
+
+def test_plan_fits_eight_minutes_on_sixteen_cores(tmp_path):
+    """--plan from the kept sm_90 compile table: every stage listed, the total within 8 minutes."""
+    table = ROOT / "bench" / "_gpu" / "compile_sm90.json"  # measured by bench/compile.py, kept
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--plan", "--compile-table", str(table)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    gpu = load_gpu_bench()
+    for stage in gpu.STAGES:
+        assert any(line.split()[:1] == [stage.name] for line in lines), stage.name
+    total = next(line for line in lines if line.startswith("total "))
+    assert "fits" in total and float(total.split()[1]) <= 480
 
 
 def test_a_stage_past_its_budget_is_cut(tmp_path):

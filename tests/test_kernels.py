@@ -231,6 +231,28 @@ def test_layer_norm_low_precision_no_worse_than_torch(dtype):
         assert rel_err(g, r) <= 2 * rel_err(t, r)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_wider_than_the_fused_backward_match_fp64(rms, monkeypatch):
+    """Rows past MAX_FUSED_BWD_N (16384 on a GPU; lowered here to keep the interpreter quick) take the
+    backward in PyTorch from the kernel's saved statistics: the same gradients as fp64."""
+    from kernels import layer_norm as ln
+
+    monkeypatch.setattr(ln, "MAX_FUSED_BWD_N", 64)
+    N = 100
+    x, w, b, dy = ln_case(N, not rms, rows=(5,))
+    if rms:
+        fn = lambda x, w, b: ln.rms_norm(x, w, 1e-5)  # noqa: E731
+        ref_fn = lambda x, w, b: F.rms_norm(x, (N,), w, 1e-5)  # noqa: E731
+    else:
+        fn = lambda x, w, b: layer_norm(x, w, b, 1e-5)  # noqa: E731
+        ref_fn = lambda x, w, b: F.layer_norm(x, (N,), w, b, 1e-5)  # noqa: E731
+    ref, ref_grads = ln_grads(ref_fn, x, w, b, dy, torch.float64)
+    out, grads = ln_grads(fn, x, w, b, dy, torch.float32)
+    assert len(grads) == len(ref_grads) == (2 if rms else 3)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and rel_err(g, r) < 1e-5
+
+
 def test_layer_norm_backward_is_deterministic():
     x, w, b, dy = ln_case(100, True, rows=(37,))  # several programs share the dW/dB reduction
     first = ln_grads(lambda x, w, b: layer_norm(x, w, b, 1e-5), x, w, b, dy, torch.float32)[1]
