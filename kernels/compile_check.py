@@ -164,15 +164,24 @@ def compile_for(fn, args, kwargs, arch: int):
     """Compile `fn(*args, **kwargs)` for sm_<arch> as a launch would: the kernel's binder gives the
     signature, constexprs and divisibility hints. Returns Triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import MockTensor, create_function_from_signature
+    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
+    options, signature, constexprs, attrs = bind(fn, args, kwargs, arch)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def bind(fn, args, kwargs, arch: int = 90):
+    """(options, signature, constexprs, attrs) that `fn(*args, **kwargs)` compiles with for sm_<arch>:
+    the kernel's own binder, as JITFunction.run calls it (torch dtypes stand for tensors)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*map(MockTensor.wrap_dtype, args), **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
 
 
 def resource_usage(cubin: bytes) -> dict:
