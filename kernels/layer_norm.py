@@ -1,8 +1,9 @@
 """Fused LayerNorm and RMSNorm in Triton: fp32 statistics, one row per program, deterministic dW/dB.
 
-One pair of kernels serves both norms (rows past MAX_FUSED_BWD_N take the backward in PyTorch): IS_RMS (a compile-time flag) drops the mean subtraction and
+One pair of kernels serves both norms: IS_RMS (a compile-time flag) drops the mean subtraction and
 the bias, y = x * rsqrt(mean(x^2) + eps) * w. Forward keeps mean (LayerNorm only) and rstd in fp32
-for backward. Backward computes dx in the same pass and writes
+for backward. Backward (rows up to MAX_FUSED_BWD_N; wider ones in PyTorch) computes dx in the same
+pass and writes
 per-program fp32 partial sums of dW/dB (each program owns a contiguous group of rows), which torch
 reduces with `.sum(0)`: no atomics, so gradients are bit-identical run to run.
 """
