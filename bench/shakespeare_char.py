@@ -86,6 +86,12 @@ def bare_loop(data_dir: str, out: str, overrides: list[str]):
     Path(out).write_text(json.dumps({"val_loss": vals[max(vals)], "steps": t.max_steps}))
 
 
+def prepare(text: Path, out: Path):
+    """TEXT as characters, the last 10% for validation (nanoGPT's split), into `out`."""
+    subprocess.run([sys.executable, "-m", "data_prep", "prepare", str(Path(text).resolve()), "--out", str(out),
+                    "--tokenizer", "char", "--val-fraction", "0.1"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -106,9 +112,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "data"
-        subprocess.run([sys.executable, "-m", "data_prep", "prepare", str(args.text.resolve()), "--out", str(data),
-                        "--tokenizer", "char", "--val-fraction", "0.1"], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+        prepare(args.text, data)
         run = args.keep_run.resolve() if args.keep_run else tmp / "run"
         ours_all, bare_all = [], []
         if run.exists() and any(run.iterdir()):

@@ -74,7 +74,7 @@ class ModelConfig:
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama); model.layernorm picks the kernel for either
     position: str = "learned"  # "learned" (a table of block_size positions, GPT-2) or "rope" (rotary, Llama)
     rope_theta: float = 10000.0  # rotary base (Llama 3: 500000)
-    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (gated, Llama)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "swiglu" (gated, Llama) or "relu2" (ReLU squared, modded-nanogpt)
     mlp_hidden: int = 0  # MLP width; 0: 4 n_embd for gelu, Llama's 8/3 n_embd rounded up to 256 for swiglu
     n_kv_head: int = 0  # key/value heads; 0: n_head; fewer: grouped-query attention (1: multi-query)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (OLMo 2, Qwen 3)
@@ -85,6 +85,9 @@ class ModelConfig:
     document_eos: int = -1
     tie_embeddings: bool = True  # the output head is the token embedding; false: its own matrix (Llama 3 8B)
     norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm (HF Llama's rms_norm_eps; its default 1e-6)
+    # the residual-stream output projections (attention and MLP c_proj) and an untied head start at zero
+    # (modded-nanogpt): each block begins as the identity and the first logits are uniform; initial values only
+    zero_init: bool = False
 
 
 @dataclass
@@ -304,7 +307,7 @@ CHOICES = {
     ("model", "activation"): ("gelu", "gelu_tanh"),
     ("model", "norm"): ("layernorm", "rmsnorm"),
     ("model", "position"): ("learned", "rope"),
-    ("model", "mlp"): ("gelu", "swiglu"),
+    ("model", "mlp"): ("gelu", "swiglu", "relu2"),
     ("data", "tokenizer"): ("bpe", "char"),
     ("optim", "schedule"): ("cosine", "linear", "wsd", "constant", "step", "plateau"),
     ("optim", "name"): ("adamw", "sgd", "rmsprop", "muon"),

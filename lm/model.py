@@ -3,7 +3,7 @@
 GPT-2's block by default: token + learned position embeddings, pre-LayerNorm blocks, causal self-attention,
 GELU MLP, dropout on embeddings / attention / residuals, a final LayerNorm, and an output head tied to the
 token embedding. The modern options are config keys: RMSNorm, rotary positions (lm/position.py), SwiGLU,
-grouped-query attention (n_kv_head), query/key norm, no biases. The attention and norm kernels come from
+ReLU squared, grouped-query attention (n_kv_head), query/key norm, no biases, zero-initialized projections. The attention and norm kernels come from
 lm.attention (model.attention, model.layernorm); the KV cache that `forward` fills during generation is
 lm.generate.KVCache.
 """
@@ -62,12 +62,19 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLU2(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = mlp_hidden_size(cfg)
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+        # model.mlp = "relu2": ReLU squared (modded-nanogpt), the same weights as GELU's MLP
+        approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.gelu = ReLU2() if cfg.mlp == "relu2" else nn.GELU(approximate=approximate)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -131,12 +138,15 @@ class GPT(nn.Module):
         """The full initial tensor of parameter `name`, drawn from a generator seeded by (seed, name), so
         a model sharded over any number of ranks starts exactly like a single-process one.
         N(0, 0.02) for weights; projections into the residual stream get 0.02 / sqrt(2 * n_layer) so the
-        stream's variance does not grow with depth (GPT-2); norm gains 1; biases 0."""
+        stream's variance does not grow with depth (GPT-2), or 0 with model.zero_init (as does an untied
+        head); norm gains 1; biases 0."""
         shape = self.get_parameter(name).shape
         if name.endswith(".bias"):
             return torch.zeros(shape)
         if is_norm(self.get_submodule(name.rsplit(".", 1)[0])):
             return torch.ones(shape)
+        if self.cfg.zero_init and (name.endswith("c_proj.weight") or name == "lm_head.weight"):
+            return torch.zeros(shape)  # (a tied head is the embedding and never named here)
         std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.empty(shape).normal_(0.0, std, generator=generator)
