@@ -13,6 +13,26 @@ def run_cli(*args, cwd=ROOT, timeout=600):
                           timeout=timeout)
 
 
+def run_main(entry: str, *args) -> subprocess.CompletedProcess:
+    """An entry point's main(argv) run in this process, as `run_cli` would run it (no interpreter start-up,
+    no second import of torch): "sample.py", "train.py" or a module such as "lm.eval". An exception that
+    escapes main fails the test, as a traceback would."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(entry.removesuffix(".py"))
+    if not hasattr(module, "main"):
+        module = importlib.import_module(f"{entry}.__main__")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess([entry, *args], code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(result, *fragments):
     """A command-line run that ended as a user error should: exit 2, one `error: ...` line, no traceback."""
     assert result.returncode == 2, result.stderr

@@ -228,6 +228,7 @@ def test_training_with_document_mask_and_llama_blocks(tiny_corpus, tmp_path):
     assert math.isfinite(result["val_loss"]) and result["step"] == 4
 
 
+@pytest.mark.slow
 def test_blocks_bench_smoke(cli, tmp_path):
     from conftest import ROOT
 

@@ -151,6 +151,7 @@ def test_crafted_metadata_runs_nothing(run, tmp_path, payload):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_crafted_metadata_through_resume_and_sample_runs_nothing(cli, data, run, tmp_path):
     marker = tmp_path / "pwned"
     plant(run / "ckpt" / NEWEST, "filesystem os.system", marker)

@@ -237,6 +237,7 @@ def test_mistakes_are_named(setup, tmp_path):
         load_config(None, ["train.task=classify"])
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(setup, tmp_path):
     """FSDP2 over 2 gloo processes reads the same global batches and gives the same losses and metrics."""
     common = [*TINY, "model.bias=true", f"init.from={setup / 'lm'}", "train.task=classify", "optim.lr=3e-3",
@@ -259,6 +260,7 @@ def test_two_processes_train_like_one(setup, tmp_path):
     assert checkpoint.load_info(tmp_path / "two" / BEST_DIR)["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_bench_smoke_run(tmp_path):
     # stand-ins for ../shared/data's novels, so the check needs nothing beside the repository
     texts = {"war": "the prince spoke of the army and the war in moscow while the count listened. ",

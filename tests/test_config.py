@@ -54,6 +54,7 @@ def test_resolved_config_round_trips_through_toml():
     assert config_from_toml_text(to_toml(Config()), "saved") == Config()
 
 
+@pytest.mark.slow
 def test_cli_config_typo_is_one_line_with_exit_code_2(cli, tmp_path):
     path = write(tmp_path, "[train]\nmax_step = 3\n")
     r = cli("train.py", path)

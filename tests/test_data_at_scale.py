@@ -582,6 +582,7 @@ def test_signature_store_reads_rows_back_from_memory_and_disk(tmp_path):
     assert np.array_equal(store.get(picked), rows[picked])
 
 
+@pytest.mark.slow
 def test_the_dedup_index_holds_a_few_hundred_bytes_per_document():
     """Peak RSS of prepare grows with the documents only through the planner's index: it must stay small
     (a dict per band and signatures in memory took ~2 KB per document: 250 GB for 125M documents)."""

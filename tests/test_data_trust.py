@@ -250,12 +250,14 @@ def assert_cli_error(result, text):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {text}"), result.stderr
 
 
+@pytest.mark.slow
 def test_training_refuses_a_same_size_corrupt_shard(cli, char_data, tmp_path):
     data = copy_of(char_data, tmp_path / "d")
     swap_two_tokens(data / "train_00000.bin")
     assert_cli_error(train(cli, data, tmp_path / "r"), f"{data / 'train_00000.bin'}: checksum mismatch")
 
 
+@pytest.mark.slow
 def test_training_refuses_out_of_vocabulary_ids(cli, char_data, tmp_path):
     data = copy_of(char_data, tmp_path / "d")
     vocab = read_meta(data)["vocab_size"]

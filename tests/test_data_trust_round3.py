@@ -324,6 +324,7 @@ print(base, hwm())
     return base, peak
 
 
+@pytest.mark.slow
 def test_a_huge_one_line_document_takes_memory_of_a_few_copies_of_itself(small_src, tmp_path):
     """Before: ~23 bytes per byte of the line (its words as Python strings, whole-text MinHash arrays, one
     list of Python ints for its tokens); now the text, a cleaned copy at most, and bounded pieces."""
@@ -333,6 +334,7 @@ def test_a_huge_one_line_document_takes_memory_of_a_few_copies_of_itself(small_s
 
 # ---------------------------------------------------------------- multi-task sign stage: compact
 
+@pytest.mark.slow
 def test_the_sign_stage_holds_a_few_dozen_bytes_per_document(small_src, tmp_path, monkeypatch):
     """What the sign stage keeps per document until it writes its files: ~2.2 KB of Python tuples before
     (a docs, an exact and 14 band tuples), now a few typed arrays (planner-like, ~250 B or less)."""

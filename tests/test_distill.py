@@ -50,6 +50,7 @@ def student(root, out, *extra):
                               "train.batch_size=4", "train.max_steps=3", "train.eval_interval=3", *extra])
 
 
+@pytest.mark.slow
 def test_alpha_zero_trains_like_plain_training(teacher, tmp_path):
     plain = Trainer(student(teacher, tmp_path / "plain")).run()
     distilled = Trainer(student(teacher, tmp_path / "d0", f"distill.teacher={teacher / 'teacher'}",
@@ -65,6 +66,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher, tmp_pa
         Trainer(cfg)
 
 
+@pytest.mark.slow
 def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
     common = [*STUDENT, f"data.dir={teacher / 'char'}", f"distill.teacher={teacher / 'teacher'}", "distill.alpha=0.7",
               "distill.temperature=2", "train.eval_interval=3", "train.max_steps=3"]
@@ -76,6 +78,7 @@ def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_hugging_face_teacher_with_our_tokenizer_teaches(cli, teacher, tmp_path):
     r = cli("-m", "lm.export", teacher / "teacher", "--format", "hf", tmp_path / "hf")
     assert r.returncode == 0, r.stderr

@@ -46,6 +46,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path):
     common = [f"data.dir={data}", "train.eval_interval=3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=6")
@@ -64,6 +65,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path)
         assert resumed[step] == pytest.approx(single[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_hsdp_two_replicas_match_one_process(data, tmp_path):
     common = [f"data.dir={data}", "train.eval_interval=3", "train.max_steps=3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4")
@@ -135,6 +137,7 @@ def test_repeated_nans_roll_back_to_the_last_checkpoint(data, tmp_path):
     assert trainer.schedule.scale == 0.5
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_complete_checkpoint_and_exits_0(data, tmp_path):
     out = tmp_path / "term"
     cmd = [sys.executable, "train.py", "configs/shakespeare_char.toml", *BASE, f"data.dir={data}",

@@ -210,6 +210,7 @@ def test_ranks_share_the_requests_and_run_the_same_number_of_forwards(run, monke
 
 
 # ---------------------------------------------------------------- the command line
+@pytest.mark.slow
 def test_cli_prints_a_table_and_writes_json(cli, run):
     out = run.root / "results.json"
     r = cli("-m", "lm.eval", run.dir, "--tasks", f"ppl:{run.root / 'short.txt'},mc:{run.mc}", "--out", out,
@@ -308,6 +309,7 @@ def test_training_logs_the_tasks_beside_the_val_loss_at_every_evaluation(run):
     assert evals[-1]["eval/long/loss"] == pytest.approx(final["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_log_the_same_task_results(run, tmp_path):
     """Under torchrun every rank scores a share of the windows (with equal forward counts, as FSDP needs);
     the step-0 results (the same initial weights on any number of ranks) equal the one-process run's."""
@@ -355,6 +357,7 @@ test_split: test
 """
 
 
+@pytest.mark.slow
 def test_harness_runs_local_tasks_offline_with_our_results(run, tmp_path):
     """lm_eval.simple_evaluate with model "lmforge" on a multiple-choice and a perplexity task defined over
     local JSONL (no download): its acc, acc_norm and bits/byte are what `mc:` and `ppl:` give."""

@@ -108,6 +108,7 @@ def test_a_directory_prepared_by_hand_is_used_when_the_config_names_no_inputs(te
     assert ensure_prepared(DataConfig(dir=str(d), url=URL, tokenizer="bpe"), show_progress=False) == d
 
 
+@pytest.mark.slow
 def test_train_cli_refuses_the_quickstart_with_other_inputs(texts, cli):
     """The issue's report: the quickstart's data.dir holds stdlib shards and data.inputs names another corpus."""
     d = texts / "python_stdlib"

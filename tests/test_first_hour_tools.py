@@ -46,6 +46,7 @@ def limit_notes(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "context limit" in line]
 
 
+@pytest.mark.slow
 def test_at_limit_stop_says_so_once_per_sample_on_stderr(cli, trained):
     args = ["--max-new-tokens", "200", "--temperature", "0"]
     r = cli("sample.py", trained / "run", "--prompt", "the", *args, "--at-limit", "stop")
@@ -62,6 +63,7 @@ def test_at_limit_stop_says_so_once_per_sample_on_stderr(cli, trained):
     assert len(notes) == 2 and notes[0].startswith("note: sample 1 ") and notes[1].startswith("note: sample 2 ")
 
 
+@pytest.mark.slow
 def test_no_limit_note_when_the_limit_is_not_what_ended_the_sample(cli, trained):
     slide = cli("sample.py", trained / "run", "--prompt", "the", "--max-new-tokens", "80", "--temperature", "0",
                 "--at-limit", "slide")
@@ -86,6 +88,7 @@ def test_generate_reports_rows_cut_by_the_context_limit():
 
 # ---------------------------------------------------------------- the HF export
 
+@pytest.mark.slow
 def test_hf_generate_with_max_new_tokens_is_quiet(trained):
     assert "max_length" not in json.loads((trained / "hf" / "generation_config.json").read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(trained / "hf").eval()
@@ -110,6 +113,7 @@ def test_hf_generate_with_max_new_tokens_is_quiet(trained):
     assert messages == [] and [str(w.message) for w in caught] == []
 
 
+@pytest.mark.slow
 def test_exported_files_have_the_modes_of_ordinary_files(cli, trained, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
@@ -237,6 +241,7 @@ def test_the_first_new_token_is_restricted_only_in_its_row():
     assert out[0][0] == first and out[1] == free[1]
 
 
+@pytest.mark.slow
 def test_sample_heals_a_prompt_ending_in_a_space(trained):
     """A BPE vocabulary writes " the" as one token, so "... " ends inside it: the sample continues with a
     token that starts with the space, and the printed text starts with the prompt exactly once."""

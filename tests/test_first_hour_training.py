@@ -36,6 +36,7 @@ def records(run_dir):
 
 
 # ---- the command line -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_flags_may_come_anywhere_among_the_overrides(data, tmp_path):
     out = tmp_path / "run"
     r = train(f"data.dir={data}", f"train.out_dir={out}", "--resume", "train.max_steps=1", "train.eval_interval=1",
@@ -44,12 +45,14 @@ def test_flags_may_come_anywhere_among_the_overrides(data, tmp_path):
     assert [x["step"] for x in records(out) if "loss" in x] == [1]
 
 
+@pytest.mark.slow
 def test_no_arguments_asks_for_the_config_only():
     r = subprocess.run([sys.executable, "train.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "required: config" in r.stderr and "overrides" not in r.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_bad_override_value_names_the_override_not_the_file(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "configs/quickstart.toml", "train.max_steps=-5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)

@@ -233,6 +233,7 @@ def test_cli_writes_a_run_that_loads_samples_and_continues(run, tmp_path, capsys
     assert result["step"] == 2
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line_and_exit_2(run, tmp_path):
     r = run_cli("-m", "lm.grow", run, tmp_path / "x", "--n-embd", "48")
     assert_user_error(r, "--n-embd 48 is not a multiple of n_embd 32")

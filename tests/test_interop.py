@@ -39,6 +39,7 @@ def export(cli, src, out, fmt):
     return out
 
 
+@pytest.mark.slow
 def test_hf_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(cli, trained):
     out = export(cli, trained / "run", trained / "hf", "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -70,6 +71,7 @@ def test_hf_import_then_export_round_trips_bit_exactly(trained, tmp_path, cli):
     assert all(torch.equal(exported[k], original[k]) for k in original)
 
 
+@pytest.mark.slow
 def test_hf_import_of_another_shape_is_refused(cli, trained, tmp_path):
     out = trained / "hf" if (trained / "hf").exists() else export(cli, trained / "run", trained / "hf", "hf")
     r = cli("train.py", "configs/shakespeare_char.toml", *TINY, f"data.dir={trained / 'data'}",
@@ -79,6 +81,7 @@ def test_hf_import_of_another_shape_is_refused(cli, trained, tmp_path):
     assert "model.n_embd = 64 (32 there)" in r.stderr
 
 
+@pytest.mark.slow
 def test_safetensors_export_samples_like_the_checkpoint(cli, trained):
     out = export(cli, trained / "run", trained / "st", "safetensors")
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.toml"}

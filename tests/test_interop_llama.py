@@ -35,6 +35,7 @@ def trained(tiny_corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_llama_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(cli, trained):
     out = trained / "hf"
     r = cli("-m", "lm.export", trained / "run", "--format", "hf", out)

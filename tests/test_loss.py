@@ -162,6 +162,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
 def test_fsdp2_gathered_head_gets_the_same_gradients(dtype, tol, tmp_path):
     """Two CPU processes (gloo): the chunked loss receives the root's all-gathered (in bf16: cast) tied

@@ -185,6 +185,7 @@ def test_resuming_with_another_optimizer_is_refused(data, tmp_path):
     assert "\n" not in message and "optim.name = 'adamw'" in message and "'muon'" in message
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_path):
     # mlp_hidden 67: c_fc's 67 rows shard unevenly (34 + 33); c_attn's q | k | v boundary falls inside a shard
     common = [f"data.dir={data}", "train.eval_interval=4", "optim.name=muon", "optim.muon_lr=0.02",
@@ -217,6 +218,7 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-4)])
 def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, data, tmp_path):
     # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard.
@@ -251,6 +253,7 @@ def test_bad_optimizer_settings_are_one_line_errors(override, key):
         assert "did you mean 'adamw'" in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_optimizer_bench_smoke(tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("".join(f"Line {i}: to be or not to be, that is the question.\n" for i in range(300)))

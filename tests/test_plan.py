@@ -86,6 +86,7 @@ def test_planned_state_bytes_equal_fsdp2_shards(name, overrides, world_size, ran
     assert p.mem_optimizer == numel * 8  # AdamW exp_avg + exp_avg_sq, fp32, like the shard
 
 
+@pytest.mark.slow
 def test_10b_meta_build_sharded_over_64_fake_ranks_is_fast_and_small():
     # a fresh process, so the peak RSS is this build's and not an earlier test's
     code = """
@@ -131,6 +132,7 @@ torch.save({n: p.to_local().detach().clone() for n, p in model.named_parameters(
 """
 
 
+@pytest.mark.slow
 def test_sharded_init_equals_single_process_init(tmp_path):
     # one process per rank: FSDP2's default device mesh keeps the first process group's rank, so
     # re-initializing a fake group in one process would slice every rank's shard like rank 0's
@@ -181,6 +183,7 @@ print(json.dumps({"growth": peak}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [0, 512])  # whole fp32 logits; the chunked loss (lm/loss.py)
 def test_planned_peak_matches_measured_cpu_memory(loss_chunk):
     overrides = ["model.n_layer=4", "model.n_embd=512", "model.n_head=8", "model.block_size=256",

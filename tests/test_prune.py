@@ -96,6 +96,7 @@ def test_magnitude_masks_stay_zero_through_fine_tuning_and_resume(cli, run):
         assert not torch.equal(params[name][mask], dict(start.named_parameters())[name][mask])  # the rest trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["heads", "neurons"])
 def test_structured_pruning_writes_a_smaller_run_that_samples_and_trains(cli, run, method):
     out = run / method
@@ -112,6 +113,7 @@ def test_structured_pruning_writes_a_smaller_run_that_samples_and_trains(cli, ru
     assert Trainer(cfg).run()["step"] == 1
 
 
+@pytest.mark.slow
 def test_prune_refuses_bad_input_in_one_line(cli, run, tmp_path):
     assert_user_error(cli("-m", "lm.prune", run / "run", tmp_path / "o", "--method", "heads", "--sparsity", "1.5"),
                       "--sparsity 1.5")

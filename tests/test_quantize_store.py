@@ -46,6 +46,7 @@ def run(tiny_corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_checkpoint_is_smaller_loads_samples_and_stays_close(cli, run, bits):
     out = run / f"int{bits}"
@@ -77,6 +78,7 @@ def test_int4_state_is_about_an_eighth_of_fp32_for_matrices():
     assert int4_bytes == matrices // 2 + 2 * matrices // 64  # half a byte per weight + one fp16 per group
 
 
+@pytest.mark.slow
 def test_quantize_refuses_bad_arguments_in_one_line(cli, run, tmp_path):
     assert_user_error(cli("-m", "lm.quantize", run / "run", "--bits", "4", "--group-size", "3", tmp_path / "q"),
                       "--group-size 3")

@@ -74,6 +74,7 @@ def smoke(tmp_path_factory):
     return tmp, json.loads((tmp / "quickstart.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_smoke_run_reports_parse_share_bits_per_byte_wall_time_and_load(smoke):
     tmp, report = smoke
     assert report["samples"] == 2 and report["seeds"] == [0, 1] and report["prompt"] == "def "

@@ -11,7 +11,7 @@ from lm.config import ModelConfig, load_config, to_toml
 from lm.generate import generate
 from lm.model import GPT
 from lm.trainer import Trainer
-from tests.conftest import assert_user_error
+from tests.conftest import assert_user_error, run_main
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
         "log.progress=false", "train.device=cpu", "train.max_steps=2", "train.eval_interval=2"]
@@ -54,8 +54,8 @@ NONSENSE = [
 
 
 @pytest.mark.parametrize("flags,fragments", NONSENSE)
-def test_sample_cli_refuses_nonsense_settings(cli, runs, flags, fragments):
-    assert_user_error(cli("sample.py", runs / "sdpa", "--max-new-tokens", "5", *flags), *fragments)
+def test_sample_cli_refuses_nonsense_settings(runs, flags, fragments):
+    assert_user_error(run_main("sample.py", runs / "sdpa", "--max-new-tokens", "5", *flags), *fragments)
 
 
 def test_boundary_settings_still_sample(cli, runs):
@@ -107,6 +107,7 @@ def test_triton_run_loads_on_cpu_with_the_logits_of_the_pytorch_kernels(monkeypa
         assert torch.equal(ours.eval()(idx)[0], reference.eval()(idx)[0])
 
 
+@pytest.mark.slow
 def test_triton_run_samples_and_exports_on_cpu(monkeypatch, cli, runs, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the subprocesses must not have the interpreter
     args = ["--prompt", "the", "--max-new-tokens", "15", "--temperature", "0", "--device", "cpu"]

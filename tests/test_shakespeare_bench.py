@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_bench_times_lmforge_and_the_bare_loop_side_by_side(tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("".join(f"Line {i}: to be or not to be, that is the question.\n" for i in range(400)))

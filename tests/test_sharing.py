@@ -78,6 +78,7 @@ def shared_run(tmp_path_factory, tiny_corpus):
     return root
 
 
+@pytest.mark.slow
 def test_fsdp_with_shared_layers_matches_one_process_and_trains_samples_and_exports(cli, shared_run):
     common = [f"data.dir={shared_run / 'data'}", "train.eval_interval=3", "train.max_steps=3", "model.n_layer=4",
               "model.share_layers=2"]

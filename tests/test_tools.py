@@ -1,4 +1,5 @@
 """Run-directory tools: consolidating a sharded checkpoint, and plotting the curves."""
+import pytest
 import torch
 
 from data_prep import prepare
@@ -7,6 +8,7 @@ from lm.export import load
 from tests.test_distributed import train
 
 
+@pytest.mark.slow
 def test_consolidate_a_two_rank_checkpoint_and_plot_its_curves(tiny_corpus, tmp_path, cli):
     data = tmp_path / "data"
     prepare([str(tiny_corpus)], data, tokenizer="char", show_progress=False)

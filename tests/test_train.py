@@ -76,12 +76,14 @@ def train_cli(cli, data_dir, out_dir, *extra):
     return cli("train.py", "configs/shakespeare_char.toml", *overrides(data_dir, out_dir, *extra))
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape_is_refused(cli, char_data, tmp_path):
     assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
     r = train_cli(cli, char_data, tmp_path / "r", "train.max_steps=4", "model.n_embd=64", "--resume")
     assert_user_error(r, "model.n_embd = 32", "asks for 64")
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten_without_resume(cli, char_data, tmp_path):
     assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
     ckpt = checkpoint.resolve(tmp_path / "r")
@@ -116,6 +118,7 @@ def test_shard_disagreeing_with_its_meta_is_refused(cli, char_data, tmp_path):
     assert_user_error(train_cli(cli, broken, tmp_path / "r"), str(shard))
 
 
+@pytest.mark.slow
 def test_sample_cli_is_reproducible_with_a_seed(cli, char_data, tmp_path):
     assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=3").returncode == 0
     args = ["sample.py", tmp_path / "r", "--prompt", "the ", "--max-new-tokens", "40", "--num-samples", "2"]
@@ -130,6 +133,7 @@ def test_sample_from_a_missing_run_is_a_user_error(cli, tmp_path):
     assert_user_error(cli("sample.py", tmp_path / "nope"), str(tmp_path / "nope"))
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_end_to_end_on_a_tiny_budget(cli, tmp_path):
     r = cli("train.py", "configs/quickstart.toml", 'data.inputs=["${stdlib}/json/*.py"]',
             f"data.dir={tmp_path / 'data'}", "data.vocab_size=400", f"train.out_dir={tmp_path / 'run'}",

@@ -22,6 +22,7 @@ EOS = 29
 
 
 # ---- the run directory ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_directory_that_cannot_be_written_is_one_line(char_data, tmp_path):  # noqa: F811
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -57,6 +58,7 @@ def test_the_closing_line_says_when_validation_was_measured():
     assert "bits/byte" not in done_line({**base, "val_step": 42, "val_bpb": None})  # classification
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_trains_nothing(char_data, tmp_path):  # noqa: F811
     args = overrides(char_data, tmp_path / "r", "train.max_steps=2", "train.eval_interval=2")
     config = ROOT / "configs" / "shakespeare_char.toml"

@@ -602,6 +602,7 @@ def test_force_replaces_an_output_but_never_the_input(run, tmp_path, capsys, com
     assert (run / "run").is_dir() and (run / "data").is_dir()
 
 
+@pytest.mark.slow
 def test_consolidate_usage_is_one_line(cli):
     from tests.conftest import assert_user_error
 

@@ -133,6 +133,7 @@ def torchrun(*args, nproc=2, timeout=300):
     return r
 
 
+@pytest.mark.slow
 def test_validation_is_the_same_sequences_for_any_world_size(data, tmp_path):
     common = [f"data.dir={data}", "train.max_steps=2", "train.eval_interval=2"]
     torchrun(*common, f"train.out_dir={tmp_path / 'one'}", "train.batch_size=4", nproc=0)
