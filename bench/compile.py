@@ -116,7 +116,11 @@ def main() -> int:
           f"{args.jobs} jobs); {len(bad)} spill, overflow shared memory or fail")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(dict(command=" ".join(sys.argv), jobs=args.jobs, wall_s=round(wall, 1),
+    import torch
+    import triton
+
+    tmp.write_text(json.dumps(dict(command=" ".join(sys.argv), triton=triton.__version__, torch=torch.__version__,
+                                   jobs=args.jobs, wall_s=round(wall, 1),
                                    shared_limit=cc.SHARED_LIMIT, rows=rows, summary=sums), indent=1))
     os.replace(tmp, args.out)
     print(f"JSON: {args.out}")
