@@ -41,6 +41,7 @@ def test_noise_and_drop_hit_about_p_of_the_positions(kind):
         assert (aug(x, 0)[changed] == EOS).all()
 
 
+@pytest.mark.slow
 def test_an_augmented_run_resumes_bit_exactly_and_differs_from_a_plain_one(char_data, tmp_path):  # noqa: F811
     extra = ["train.max_steps=6", "train.eval_interval=3", 'data.augment=["swap:0.05", "noise:0.05"]']
     Trainer(load_config(None, overrides(char_data, tmp_path / "a", *extra))).run()

@@ -59,6 +59,7 @@ def test_hf_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(cli
     assert tok.decode(tok(text).input_ids) == text
 
 
+@pytest.mark.slow
 def test_hf_import_then_export_round_trips_bit_exactly(trained, tmp_path, cli):
     out = trained / "hf" if (trained / "hf").exists() else export(cli, trained / "run", trained / "hf", "hf")
     from safetensors.torch import load_file

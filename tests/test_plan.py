@@ -218,6 +218,7 @@ def test_chunked_loss_cuts_the_logits_line_at_10b():
         plan(preset("gpt-10b", f"model.loss_chunk={s}"), world_size=64, micro_batch=1).mem_logits
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_the_table_and_json(tmp_path):
     out = run_cli("train.py", "configs/gpt-10b.toml", "--plan", "--world-size", "64", "--plan-json",
                   tmp_path / "plan.json", timeout=120)

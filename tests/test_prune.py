@@ -79,6 +79,7 @@ def run(tiny_corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_magnitude_masks_stay_zero_through_fine_tuning_and_resume(cli, run):
     out = run / "mag"
     r = cli("-m", "lm.prune", run / "run", out, "--method", "magnitude", "--sparsity", "0.5")

@@ -93,6 +93,7 @@ def test_the_smoke_run_reports_parse_share_bits_per_byte_wall_time_and_load(smok
         assert 1 <= row["tokens"] <= 24 and isinstance(row["parses"], bool)
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_scored_without_training_and_a_used_out_dir_is_refused(smoke, capsys):
     tmp, report = smoke
     assert bench.main(["--run-dir", str(tmp / "run"), "--json", str(tmp / "again.json"), "--samples", "2",

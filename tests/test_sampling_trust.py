@@ -58,6 +58,7 @@ def test_sample_cli_refuses_nonsense_settings(runs, flags, fragments):
     assert_user_error(run_main("sample.py", runs / "sdpa", "--max-new-tokens", "5", *flags), *fragments)
 
 
+@pytest.mark.slow
 def test_boundary_settings_still_sample(cli, runs):
     r = cli("sample.py", runs / "sdpa", "--prompt", "the", "--max-new-tokens", "6", "--temperature", "0.5",
             "--top-k", "0", "--top-p", "1", "--repetition-penalty", "0.5", "--num-samples", "1")

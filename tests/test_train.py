@@ -10,7 +10,7 @@ from lm import checkpoint
 from lm.config import load_config
 from lm.model import GPT
 from lm.trainer import Trainer
-from tests.conftest import assert_user_error
+from tests.conftest import ROOT, assert_user_error, run_main
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.batch_size=4", "train.eval_sequences=8", "log.progress=false", "log.interval=1",
@@ -76,6 +76,11 @@ def train_cli(cli, data_dir, out_dir, *extra):
     return cli("train.py", "configs/shakespeare_char.toml", *overrides(data_dir, out_dir, *extra))
 
 
+def train_main(data_dir, out_dir, *extra):
+    """train.py's main in this process: for refusals, which end before anything trains."""
+    return run_main("train.py", ROOT / "configs" / "shakespeare_char.toml", *overrides(data_dir, out_dir, *extra))
+
+
 @pytest.mark.slow
 def test_resume_with_another_model_shape_is_refused(cli, char_data, tmp_path):
     assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
@@ -92,30 +97,30 @@ def test_existing_run_is_never_overwritten_without_resume(cli, char_data, tmp_pa
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
 
-def test_vocab_smaller_than_the_tokenizer_is_refused(cli, char_data, tmp_path):
-    assert_user_error(train_cli(cli, char_data, tmp_path / "r", "model.vocab_size=5"),
+def test_vocab_smaller_than_the_tokenizer_is_refused(char_data, tmp_path):
+    assert_user_error(train_main(char_data, tmp_path / "r", "model.vocab_size=5"),
                       "model.vocab_size = 5", "meta.json")
 
 
-def test_missing_data_path_is_named(cli, tmp_path):
+def test_missing_data_path_is_named(tmp_path):
     missing = tmp_path / "nowhere.txt"
-    r = train_cli(cli, tmp_path / "d", tmp_path / "r", f'data.inputs=["{missing}"]', "data.url=")
+    r = train_main(tmp_path / "d", tmp_path / "r", f'data.inputs=["{missing}"]', "data.url=")
     assert_user_error(r, str(missing))
     assert not (tmp_path / "d").exists()
 
 
-def test_empty_corpus_is_refused(cli, tmp_path):
+def test_empty_corpus_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    r = train_cli(cli, tmp_path / "d", tmp_path / "r", f'data.inputs=["{tmp_path / "empty.txt"}"]', "data.url=")
+    r = train_main(tmp_path / "d", tmp_path / "r", f'data.inputs=["{tmp_path / "empty.txt"}"]', "data.url=")
     assert_user_error(r, "empty")
 
 
-def test_shard_disagreeing_with_its_meta_is_refused(cli, char_data, tmp_path):
+def test_shard_disagreeing_with_its_meta_is_refused(char_data, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(char_data, broken)
     shard = broken / "train_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-6])
-    assert_user_error(train_cli(cli, broken, tmp_path / "r"), str(shard))
+    assert_user_error(train_main(broken, tmp_path / "r"), str(shard))
 
 
 @pytest.mark.slow
@@ -129,8 +134,8 @@ def test_sample_cli_is_reproducible_with_a_seed(cli, char_data, tmp_path):
     assert first.stdout.count("the ") >= 2
 
 
-def test_sample_from_a_missing_run_is_a_user_error(cli, tmp_path):
-    assert_user_error(cli("sample.py", tmp_path / "nope"), str(tmp_path / "nope"))
+def test_sample_from_a_missing_run_is_a_user_error(tmp_path):
+    assert_user_error(run_main("sample.py", tmp_path / "nope"), str(tmp_path / "nope"))
 
 
 @pytest.mark.slow
