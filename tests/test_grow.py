@@ -212,7 +212,7 @@ def test_cli_writes_a_run_that_loads_samples_and_continues(run, tmp_path, capsys
     assert not list(tmp_path.glob(".big*"))  # the temporary sibling is gone
     # an existing OUT is refused, then replaced with --force
     assert main([str(run), str(out), "--n-layer", "4"]) == 2
-    assert "exists; choose another output directory or pass --force" in capsys.readouterr().err
+    assert "already exists (a non-empty directory); choose another path or pass --force" in capsys.readouterr().err
     assert main([str(run), str(out), "--n-layer", "3", "--force"]) == 0
     assert checkpoint.load_config(checkpoint.resolve(out)).model.n_layer == 3
     # lm.export reads it (so do lm.eval and sample.py: the same loader)
@@ -222,7 +222,7 @@ def test_cli_writes_a_run_that_loads_samples_and_continues(run, tmp_path, capsys
     assert (logits_of(tmp_path / "exported", idx) - logits_of(run, idx)).abs().max() <= 1e-5
     # growing into the source run itself is refused, even with --force
     assert main([str(run), str(run), "--n-layer", "4", "--force"]) == 2
-    assert "holds the checkpoint being grown" in capsys.readouterr().err
+    assert "holds the input" in capsys.readouterr().err
     # sample.py reads it; training continues from it with its own config (schedule and optimizer afresh)
     import sample  # the repository root is on sys.path, as for `tests.conftest`
 

@@ -7,8 +7,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from data_prep import DataError, load_tokenizer
 from lm import checkpoint
 from lm.checkpoint import CheckpointError
 from lm.config import Config, ConfigError, ModelConfig, load_config
+from lm.files import check_destination, output_dir
 from lm.grow import DEPTH_METHODS, GrowSpec, block_sources, grow_model, grown_config, shape_summary
 from lm.model import GPT
 from lm.prune import MASKS_FILE
@@ -52,52 +51,20 @@ def grown_run_config(cfg: Config, new_model: ModelConfig, out: Path) -> Config:
     return new
 
 
-def _fsync(path: Path):
-    """A file or a directory (its entries) made durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path):
-    """Every file and directory under `directory`, deepest first, then `directory` itself."""
-    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
-    _fsync(directory)
-
-
 def write_grown(out: Path, ckpt: Path, cfg: Config, model: GPT, record: dict, force: bool = False):
-    """OUT, built in a temporary sibling, fsynced, then renamed into place (an existing OUT only with
-    force, moved aside first and deleted once the new one is there)."""
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: exists; choose another output directory or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.grow-{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """OUT, built in a temporary sibling and renamed into place when complete (lm.files.output_dir: an
+    existing OUT only with force; a full disk leaves nothing)."""
+    from lm.config import to_toml
+
     tokenizer = ckpt / load_tokenizer(ckpt).file_name
-    try:
+    with output_dir(out, force) as tmp:
         optimizer = torch.optim.AdamW(model.parameters())  # no state: the continued run starts its own
         info = {"samples": 0, "world_size": 1, "skipped_steps": 0, "rollbacks": 0,
                 "loss_scale": cfg.stability.loss_scale, "recent_losses": [], "schedule": {}, "val_loss": None,
                 "params": model.num_params(), "grown_from": str(ckpt)}
         checkpoint.save(tmp, 0, model, optimizer, info, cfg, tokenizer, keep_last=1)
-        from lm.config import to_toml
-
         (tmp / "config.toml").write_text(to_toml(cfg))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if out.exists():
-            aside = out.with_name(f".{out.name}.grow-{os.getpid()}.old")
-            os.replace(out, aside)
-            os.replace(tmp, out)
-            shutil.rmtree(aside)
-        else:
-            os.replace(tmp, out)
-        _fsync(out.parent)  # the rename itself
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def grow(source: str, out: Path, spec: GrowSpec, force: bool = False) -> dict:
@@ -106,10 +73,7 @@ def grow(source: str, out: Path, spec: GrowSpec, force: bool = False) -> dict:
     new_model = grown_config(cfg.model, spec)  # every refusal before any weight is read
     old_blocks = cfg.model.n_layer // cfg.model.share_layers
     sources = block_sources(old_blocks, new_model.n_layer // new_model.share_layers, spec.depth, spec.where)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: exists; choose another output directory or pass --force to replace it")
-    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
-        raise CheckpointError(f"{out}: holds the checkpoint being grown ({ckpt}); write the grown run elsewhere")
+    check_destination(out, force, directory=True, keep=[ckpt])  # before any weight is read
     model = _load_model(ckpt, cfg)
     if (ckpt / MASKS_FILE).is_file():
         print(f"note: {ckpt / MASKS_FILE} (pruning masks) is not carried over: the grown model's shape differs, "
