@@ -9,7 +9,8 @@ machine's load touches both alike. Both evaluate on the same 240 validation wind
 is only ever evaluated, never trained on or used to pick anything during a run.
 
     python bench/speedrun.py ../shared/data/tinyshakespeare.txt               (2 alternating rounds)
-    python bench/speedrun.py TEXT --rounds 3 train.threads=1                  (overrides apply to ours)
+    python bench/speedrun.py TEXT --threads 1        (both sides: on a machine others share; see the README)
+    python bench/speedrun.py TEXT --rounds 3 optim.lr=0.01                    (overrides apply to ours)
     python bench/speedrun.py TEXT --ablation [--target 1.886]                 (each ingredient alone and together)
     python bench/speedrun.py TEXT --smoke                                     (a tiny budget: the wiring only)
 
@@ -42,17 +43,23 @@ INGREDIENTS: dict[str, list[str]] = {
     "higher lr": ["optim.lr=0.004"],
     "wsd schedule": ["optim.schedule=wsd", "optim.wsd_decay_fraction=0.4", "optim.min_lr=0.0",
                      "optim.warmup_steps=50"],
-    "llama block": ["model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu"],
-    "batch 24": ["train.batch_size=24"],
+    "relu2": ["model.mlp=relu2"],
+    "batch 32": ["train.batch_size=32"],
+    "zero-init, untied head": ["model.zero_init=true", "model.tie_embeddings=false"],
 }
-STEPS = ["train.max_steps=600"]  # the recipe's budget, shared by every ablation row
-# evaluation as often as the recipe's config does it, so every row pays the same for it
-EVAL = ["train.eval_interval=100"]
+STEPS = ["train.max_steps=300"]  # the recipe's budget, shared by every ablation row
+# evaluation as often as the recipe's config does it (so every row pays the same for it); one checkpoint
+EVAL = ["train.eval_interval=50", "train.checkpoint_interval=300"]
 
 # a tiny budget for --smoke: both sides, a model of one small block, a few steps
 SMOKE_BASELINE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16",
                   "train.max_steps=6", "train.eval_interval=3", "train.eval_sequences=8", "train.batch_size=4"]
 SMOKE_OURS = SMOKE_BASELINE
+
+
+def threads(args) -> list[str]:
+    """--threads N: train.threads for both sides (1 where other work shares the cores: see the README)."""
+    return [f"train.threads={args.threads}"] if args.threads else []
 
 
 def recipe_overrides(without: str | None = None, only: str | None = None) -> list[str]:
@@ -64,8 +71,12 @@ def run_baseline(data: Path, out: Path, overrides: list[str]) -> dict:
     """The bare nanoGPT-style loop (bench/shakespeare_char.py --bare) as one timed command."""
     wall = timed([sys.executable, str(ROOT / "bench" / "shakespeare_char.py"), "--bare", str(data), str(out),
                   *overrides])
+    from lm.config import load_config
+
     result = json.loads(out.read_text())
-    return {"wall_s": wall, "val_loss": result["val_loss"], "steps": result["steps"]}
+    cfg = load_config(BASELINE_CONFIG, overrides)
+    tokens = result["steps"] * cfg.train.batch_size * cfg.model.block_size  # the bare loop: no accumulation
+    return {"wall_s": wall, "val_loss": result["val_loss"], "steps": result["steps"], "tokens": tokens}
 
 
 def run_ours(config: Path, data: Path, run_dir: Path, overrides: list[str], target: float | None) -> dict:
@@ -93,8 +104,8 @@ def run_ours(config: Path, data: Path, run_dir: Path, overrides: list[str], targ
 
 
 def speedrun(args, data: Path, tmp: Path) -> dict:
-    baseline_overrides = SMOKE_BASELINE if args.smoke else []
-    ours_overrides = (SMOKE_OURS if args.smoke else []) + args.overrides
+    baseline_overrides = (SMOKE_BASELINE if args.smoke else []) + threads(args)
+    ours_overrides = (SMOKE_OURS if args.smoke else []) + threads(args) + args.overrides
     rounds = []
     for i in range(args.rounds):  # alternating: baseline then ours, round after round
         base = run_baseline(data, tmp / "bare.json", baseline_overrides)
@@ -117,8 +128,7 @@ def print_speedrun(result: dict):
           f"{'to target s':>12} {'ratio':>7} {'load':>5}")
     for i, r in enumerate(result["rounds"], 1):
         b, o = r["baseline"], r["ours"]
-        tokens = b["steps"] * 12 * 64 if b["steps"] == 2000 else None  # nanoGPT's batch 12 x block 64
-        print(f"{i:5} {'baseline':9} {b['steps']:6} {tokens or '':>10} {b['val_loss']:9.4f} {b['wall_s']:8.1f} "
+        print(f"{i:5} {'baseline':9} {b['steps']:6} {b['tokens']:10} {b['val_loss']:9.4f} {b['wall_s']:8.1f} "
               f"{b['wall_s']:12.1f} {'1.000':>7} {r['load_average'][0]:5.2f}")
         reached = o["reached"]
         print(f"{i:5} {'ours':9} {o.get('target_step', o['steps']):6} {o.get('target_tokens', o['tokens']):10} "
@@ -135,10 +145,10 @@ def print_speedrun(result: dict):
 def ablation(args, data: Path, tmp: Path) -> dict:
     target = args.target
     if target is None:
-        base = run_baseline(data, tmp / "bare.json", SMOKE_BASELINE if args.smoke else [])
+        base = run_baseline(data, tmp / "bare.json", (SMOKE_BASELINE if args.smoke else []) + threads(args))
         target = base["val_loss"]
         print(f"target (bare nanoGPT loop, {base['steps']} steps): {target:.4f} in {base['wall_s']:.1f} s", flush=True)
-    budget = (SMOKE_OURS if args.smoke else STEPS + EVAL)
+    budget = (SMOKE_OURS if args.smoke else STEPS + EVAL) + threads(args)
     rows = [("nanoGPT config", [])]
     rows += [(f"+ {name}", recipe_overrides(only=name)) for name in INGREDIENTS]
     rows += [("recipe (all)", recipe_overrides())]
@@ -168,6 +178,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of baseline and ours")
     p.add_argument("--ablation", action="store_true", help="each ingredient alone and the recipe without each")
     p.add_argument("--target", type=float, help="--ablation: this target val loss instead of a baseline run")
+    p.add_argument("--threads", type=int, default=0, help="train.threads for both sides (default: torch's)")
     p.add_argument("--smoke", action="store_true", help="a tiny model and a few steps: checks the wiring only")
     p.add_argument("--out", type=Path, help="JSON results (default bench/results/speedrun[_ablation].json)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for our runs")
@@ -177,7 +188,8 @@ def main(argv=None):
         tmp = Path(tmp)
         prepare(args.text, tmp / "data")
         result = (ablation if args.ablation else speedrun)(args, tmp / "data", tmp)
-    result.update(text=str(args.text), smoke=args.smoke, overrides=args.overrides, cpu_count=os.cpu_count(),
+    result.update(text=str(args.text), smoke=args.smoke, overrides=args.overrides, threads=args.threads,
+                  cpu_count=os.cpu_count(),
                   evaluation="included in both: whole commands timed, each evaluates on the same 240 windows")
     (print_ablation if args.ablation else print_speedrun)(result)
     out.parent.mkdir(parents=True, exist_ok=True)
