@@ -70,7 +70,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def main() -> int:
-    from kernels import compile_check as cc
+    from lm.kernels import compile_check as cc
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="90", help="comma-separated SM versions (90: H100, 80: A100)")

@@ -46,7 +46,7 @@ def try_ms(fn, grads=()):
 def attention_impls():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention
+    from lm.kernels.flash_attention import flash_attention
 
     def sdpa(backend):
         def run(q, k, v):
@@ -84,7 +84,7 @@ def bench_attention(Ts, Ds):
 
 
 def bench_layer_norm(Ns):
-    from kernels.layer_norm import layer_norm
+    from lm.kernels.layer_norm import layer_norm
 
     compiled = torch.compile(F.layer_norm)
     impls = {

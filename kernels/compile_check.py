@@ -74,7 +74,7 @@ def shipped_specs(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256), features
                   kernels=ATTN_KERNELS + ("norm",), norm_n=NORM_N) -> list[Spec]:
     """Every config the kernels ship for each dtype and head dim (flash_attention.shipped_configs), in
     each feature; the norm kernels at each width; the small helper kernels once per dtype."""
-    from kernels import flash_attention as fa
+    from . import flash_attention as fa
 
     specs = []
     for dtype in dtypes:
@@ -89,7 +89,7 @@ def shipped_specs(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128, 256), features
             if "delta" in kernels:
                 specs.append(Spec("delta", dtype, dim))
         if "norm" in kernels:
-            from kernels.layer_norm import MAX_FUSED_BWD_N
+            from .layer_norm import MAX_FUSED_BWD_N
 
             specs += [Spec(k, dtype, n, rms=rms, T=16384) for k in ("ln_fwd", "ln_bwd") for n in norm_n
                       for rms in (False, True) if k == "ln_fwd" or n <= MAX_FUSED_BWD_N]
@@ -102,8 +102,8 @@ def launch(spec: Spec, interpret: bool = False, sms: int = 132):
     """(jit function, positional args, keyword args) of the launch `spec` describes. Pointers are
     torch dtypes (Triton's warmup and binder take them for tensors, 16-byte aligned as our buffers
     are); strides are those of contiguous (B, H, T, D) tensors."""
-    from kernels import flash_attention as fa
-    from kernels import layer_norm as ln
+    from . import flash_attention as fa
+    from . import layer_norm as ln
 
     dt = DTYPES[spec.dtype]
     f32, i32 = torch.float32, torch.int32

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import INTERPRET, check_device, configs
+from ._triton import INTERPRET, check_device, configs
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

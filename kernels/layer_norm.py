@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import INTERPRET, check_device
+from ._triton import INTERPRET, check_device
 
 MAX_N = 16384  # one row must fit in one program's registers
 # The fused backward holds x, dy, w and the dW/dB sums of a row in registers: past 8192 columns that is

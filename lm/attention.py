@@ -42,7 +42,7 @@ def triton_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None, segm
     generation with a KV cache or padding uses SDPA."""
     if q.size(-2) != k.size(-2) or mask is not None:
         return sdpa_attention(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
-    from kernels.flash_attention import flash_attention
+    from lm.kernels.flash_attention import flash_attention
 
     return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, segments=segments)
 
@@ -58,12 +58,12 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
     size = size or cfg.n_embd
     if (kind or cfg.norm) == "rmsnorm":
         if cfg.layernorm == "triton":
-            from kernels.layer_norm import TritonRMSNorm
+            from lm.kernels.layer_norm import TritonRMSNorm
 
             return TritonRMSNorm(size, eps=cfg.norm_eps)
         return nn.RMSNorm(size, eps=cfg.norm_eps)
     if cfg.layernorm == "triton":
-        from kernels.layer_norm import TritonLayerNorm
+        from lm.kernels.layer_norm import TritonLayerNorm
 
         return TritonLayerNorm(size, eps=cfg.norm_eps, bias=cfg.bias)
     return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.bias)

@@ -24,7 +24,7 @@ def compiler_env():
 
 def toolchain_missing() -> str:
     """Why Triton cannot compile for NVIDIA here ('' when it can)."""
-    out = subprocess.run([sys.executable, "-c", "from kernels.compile_check import toolchain_missing as m; "
+    out = subprocess.run([sys.executable, "-c", "from lm.kernels.compile_check import toolchain_missing as m; "
                           "print(m() or '')"], cwd=ROOT, env=compiler_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -54,9 +54,9 @@ import sys
 
 import torch
 
-from kernels import compile_check as cc
-from kernels import flash_attention as fa
-from kernels import layer_norm as ln
+from lm.kernels import compile_check as cc
+from lm.kernels import flash_attention as fa
+from lm.kernels import layer_norm as ln
 
 captured = {}
 ln.check_device = lambda *tensors: None  # CPU tensors: the launches are captured, never run
@@ -113,6 +113,7 @@ def test_compile_specs_bind_like_the_real_launches(toolchain, kv_heads, docs):
     assert out.returncode == 0 and out.stdout.strip() == "same", out.stdout[-3000:] + out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_hopper_configs_neither_spill_nor_overflow_shared_memory(toolchain, tmp_path):
     """Every shipped bf16 config of the forward, dK/dV and dQ kernels at head dims 64 and 128 (causal, the
     production path), and the norm kernels at the narrowest and widest rows."""

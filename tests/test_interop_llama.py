@@ -35,9 +35,19 @@ def trained(tiny_corpus, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The run exported to a HF directory, in this process."""
+    from lm.export import main as export_main
+
+    out = trained / "hf"
+    assert export_main([str(trained / "run"), "--format", "hf", str(out)]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_llama_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(cli, trained):
-    out = trained / "hf"
+    out = trained / "hf_cli"
     r = cli("-m", "lm.export", trained / "run", "--format", "hf", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -55,8 +65,8 @@ def test_llama_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(
     assert theirs == generate(ours, [prompt[0].tolist()], 20, temperature=0)[0]
 
 
-def test_llama_import_is_bit_exact_and_trains_from_it(trained):
-    out = trained / "hf"  # written by the test above (module order)
+def test_llama_import_is_bit_exact_and_trains_from_it(trained, exported):
+    out = exported
     cfg = load_config(None, [*TINY, *LLAMA, f"data.dir={trained / 'data'}", f"train.out_dir={trained / 'again'}",
                              f"init.from=hf:{out}", "train.max_steps=1"])
     assert read_hf_config(out).n_kv_head == 2
@@ -67,9 +77,9 @@ def test_llama_import_is_bit_exact_and_trains_from_it(trained):
     trainer.run()
 
 
-def test_a_llama_import_into_another_shape_names_the_key(trained):
+def test_a_llama_import_into_another_shape_names_the_key(trained, exported):
     cfg = load_config(None, [*TINY, *LLAMA, "model.n_kv_head=1", f"data.dir={trained / 'data'}",
-                             f"train.out_dir={trained / 'other'}", f"init.from=hf:{trained / 'hf'}"])
+                             f"train.out_dir={trained / 'other'}", f"init.from=hf:{exported}"])
     with pytest.raises(ConfigError, match=r"model.n_kv_head = 1 \(2 there\)"):
         Trainer(cfg)
 

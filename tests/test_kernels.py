@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels._triton as triton_util  # noqa: E402
-from kernels import flash_attention as fa  # noqa: E402
-from kernels.flash_attention import dropout_keep_mask, flash_attention  # noqa: E402
-from kernels.layer_norm import TritonLayerNorm, layer_norm  # noqa: E402
+import lm.kernels._triton as triton_util  # noqa: E402
+from lm.kernels import flash_attention as fa  # noqa: E402
+from lm.kernels.flash_attention import dropout_keep_mask, flash_attention  # noqa: E402
+from lm.kernels.layer_norm import TritonLayerNorm, layer_norm  # noqa: E402
 from lm.config import load_config  # noqa: E402
 from lm.model import GPT  # noqa: E402
 
@@ -235,7 +235,7 @@ def test_layer_norm_low_precision_no_worse_than_torch(dtype):
 def test_rows_wider_than_the_fused_backward_match_fp64(rms, monkeypatch):
     """Rows past MAX_FUSED_BWD_N (16384 on a GPU; lowered here to keep the interpreter quick) take the
     backward in PyTorch from the kernel's saved statistics: the same gradients as fp64."""
-    from kernels import layer_norm as ln
+    from lm.kernels import layer_norm as ln
 
     monkeypatch.setattr(ln, "MAX_FUSED_BWD_N", 64)
     N = 100

@@ -14,10 +14,10 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels._triton as triton_util  # noqa: E402
-from kernels import flash_attention as fa  # noqa: E402
-from kernels.flash_attention import dropout_keep_mask, flash_attention  # noqa: E402
-from kernels.layer_norm import TritonRMSNorm, rms_norm  # noqa: E402
+import lm.kernels._triton as triton_util  # noqa: E402
+from lm.kernels import flash_attention as fa  # noqa: E402
+from lm.kernels.flash_attention import dropout_keep_mask, flash_attention  # noqa: E402
+from lm.kernels.layer_norm import TritonRMSNorm, rms_norm  # noqa: E402
 
 BLOCK = fa._INTERP_BLOCKS["BLOCK_M"]  # the interpreter's block size along queries and keys
 assert fa._INTERP_BLOCKS["BLOCK_N"] == BLOCK

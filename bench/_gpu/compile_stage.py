@@ -23,7 +23,7 @@ DTYPE = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp
 
 
 def _attention_specs(dtype, D, causal, group, docs, dropout, T, H, configs):
-    from kernels.compile_check import Spec, config_tuple
+    from lm.kernels.compile_check import Spec, config_tuple
 
     specs = [Spec(k, dtype, D, config_tuple(c[k]), causal=causal, group=group, docs=docs, dropout=dropout,
                   T=T, H=H) for c in configs for k in ("fwd", "dkdv", "dq")]
@@ -32,8 +32,8 @@ def _attention_specs(dtype, D, causal, group, docs, dropout, T, H, configs):
 
 def _tuned(dtype, D):
     """Each config set the autotuner tries for this dtype and head dim (all it ships)."""
-    from kernels.compile_check import DTYPES
-    from kernels.flash_attention import shipped_configs
+    from lm.kernels.compile_check import DTYPES
+    from lm.kernels.flash_attention import shipped_configs
 
     lists = {k: shipped_configs(k, DTYPES[dtype], D) for k in ("fwd", "dkdv", "dq")}
     n = max(len(v) for v in lists.values())
@@ -43,10 +43,10 @@ def _tuned(dtype, D):
 def needed_specs(ctx: Ctx) -> dict[str, list]:
     """stage name -> the kernel launches it makes (GPU sizes), deduplicated across stages."""
     from _gpu import kernel_stages as ks
-    from kernels.compile_check import Spec
+    from lm.kernels.compile_check import Spec
 
     out = {"kernel_check": [], "attention_speed": [], "layernorm_speed": [], "e2e": []}  # e2e: the training stages
-    from kernels.flash_attention import runs_on_gpu
+    from lm.kernels.flash_attention import runs_on_gpu
 
     for i, case in enumerate(ks.ATTN_CASES):
         dtype = DTYPE[str(case.dtype)]
@@ -86,7 +86,7 @@ def needed_specs(ctx: Ctx) -> dict[str, list]:
 
 
 def _warm(spec):
-    from kernels.compile_check import warm
+    from lm.kernels.compile_check import warm
 
     try:
         return spec, warm(spec, sms=_warm.sms), None

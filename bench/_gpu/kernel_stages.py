@@ -30,7 +30,7 @@ def env(ctx: Ctx):
     import numpy
     import triton
 
-    from kernels._triton import interpreting
+    from lm.kernels._triton import interpreting
 
     dev = ctx.device
     cuda = dev.type == "cuda"
@@ -129,7 +129,7 @@ def attention_shape(ctx: Ctx, case: AttnCase) -> dict:
 
 def pinned_choice(case_index: int, case: AttnCase, shift: int = 0) -> dict:
     """name -> the config dict case `case_index` pins for each attention kernel (see AttnCase)."""
-    from kernels.flash_attention import shipped_configs
+    from lm.kernels.flash_attention import shipped_configs
 
     choice = {}
     for name, kernel in (("f", "fwd"), ("kv", "dkdv"), ("q", "dq")):
@@ -214,7 +214,7 @@ def nan_padded(x, pad=7):
 
 
 def _attention_kernels():
-    from kernels import flash_attention as fa
+    from lm.kernels import flash_attention as fa
 
     return {"f": fa._attn_fwd, "kv": fa._attn_bwd_dkdv, "q": fa._attn_bwd_dq}
 
@@ -229,7 +229,7 @@ def _config_name(c) -> str:
 def triton_configs(choice: dict) -> dict:
     """name -> triton.Config of config dicts (the interpreter's own blocks under --smoke: the
     interpreter runs one config and pinning a GPU one would only slow it)."""
-    from kernels._triton import INTERPRET, configs
+    from lm.kernels._triton import INTERPRET, configs
 
     if INTERPRET:
         return {name: kernel.configs[0] for name, kernel in _attention_kernels().items()}
@@ -258,7 +258,7 @@ def _out_of_resources(e: Exception) -> bool:
 def attention_case(ctx: Ctx, dtype, D, causal, p, T, B, H, seed=0, kv_heads=None, docs=0):
     """Our kernel (NaN-padded inputs, NaN-poisoned outputs) and SDPA in `dtype` against fp64; with
     kv_heads < H grouped-query attention, with docs > 0 that many documents packed per row."""
-    from kernels.flash_attention import dropout_keep_mask, flash_attention
+    from lm.kernels.flash_attention import dropout_keep_mask, flash_attention
 
     dev = ctx.device
     kv_heads = kv_heads or H
@@ -312,8 +312,8 @@ def kernel_check(ctx: Ctx):
     bf16/fp16/fp32, head dims 64 and 128, causal and not, T not a multiple of any block size, dropout
     against the explicit keep-mask, determinism per seed; the autotuner's picks; LayerNorm, RMSNorm."""
     ctx.require_gpu()
-    from kernels import flash_attention as fa
-    from kernels.flash_attention import runs_on_gpu
+    from lm.kernels import flash_attention as fa
+    from lm.kernels.flash_attention import runs_on_gpu
 
     fa.POISON_OUTPUTS = True  # every output buffer starts as NaN: an unwritten element fails the check
     yield dict(note="*_abs = max|ours - fp64|; *_rel = that / max|fp64|; grad: the worst of dq,dk,dv (dx,dw,db); "
@@ -360,7 +360,7 @@ def _pinned_run(i, case, run):
 
 
 def _dropout_determinism(ctx, dtype, D, p, T, B, H):
-    from kernels.flash_attention import flash_attention
+    from lm.kernels.flash_attention import flash_attention
 
     g = torch.Generator().manual_seed(4)
     q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(ctx.device, dtype) for _ in range(4))
@@ -379,7 +379,7 @@ def _dropout_determinism(ctx, dtype, D, p, T, B, H):
 
 
 def _dropout_rate(ctx, p, T, B, H):
-    from kernels.flash_attention import dropout_keep_mask
+    from lm.kernels.flash_attention import dropout_keep_mask
 
     keep = dropout_keep_mask(3, B, H, T, p, ctx.device)
     kept = keep.float().mean().item()
@@ -389,7 +389,7 @@ def _dropout_rate(ctx, p, T, B, H):
 
 
 def layer_norm_checks(ctx: Ctx):
-    from kernels.layer_norm import layer_norm
+    from lm.kernels.layer_norm import layer_norm
 
     M = ctx.pick(2048, 6)
     Ns = ctx.pick(LN_CASES_N, (64, 100))
@@ -408,7 +408,7 @@ def layer_norm_checks(ctx: Ctx):
 
 def rms_norm_checks(ctx: Ctx):
     """RMSNorm (the same fused kernels, IS_RMS) against fp64, and PyTorch's RMSNorm in the same dtype."""
-    from kernels.layer_norm import rms_norm
+    from lm.kernels.layer_norm import rms_norm
 
     M, N = ctx.pick(2048, 6), ctx.pick(LN_CASES_N, (64, 100))[1]  # N not a power of two
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -467,7 +467,7 @@ def attention_impls(group: int = 1, segments=None):
     or SDPA as it chooses with enable_gqa / the document mask (the others)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention
+    from lm.kernels.flash_attention import flash_attention
 
     ours = lambda q, k, v: flash_attention(q, k, v, causal=True, segments=segments)  # noqa: E731
     if group > 1 or segments is not None:
@@ -571,7 +571,7 @@ def layernorm_speed(ctx: Ctx):
     """LayerNorm bf16 over 16k rows: GB/s of ours, F.layer_norm and torch.compile(F.layer_norm), the
     ratios, and ours as a fraction of the measured device copy."""
     ctx.require_gpu()
-    from kernels.layer_norm import layer_norm
+    from lm.kernels.layer_norm import layer_norm
 
     copy = copy_gbs(ctx.device)
     yield dict(note=f"device copy {copy:.0f} GB/s (read + write); GB/s = (fwd: x, y; fwd+bwd: + x, dy, dx) "
