@@ -39,12 +39,19 @@ class Augmenter:
         self.keep_documents = keep_documents
 
     def __call__(self, x: torch.Tensor, first_sample: int) -> torch.Tensor:
-        """An augmented copy of the inputs x (B, T) of the batch starting at global sample `first_sample`."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + first_sample) % 2**63)
+        """An augmented copy of the inputs x (B, T) of the batch starting at global sample `first_sample`.
+        Each row draws from its own generator, seeded by its global sample index, so a sample is augmented
+        the same way in any batch: on any number of ranks, with any grad_accum, and after a resume."""
+        rows = [torch.Generator().manual_seed((self.seed * 1_000_003 + first_sample + i) % 2**63)
+                for i in range(x.size(0))]
         out = x.cpu().clone()
         B, T = out.shape
+
+        def draw(sample):  # one (B, T) draw, row i from generator i
+            return torch.stack([sample(g) for g in rows])
+
         for kind, p in self.specs:
-            hit = torch.rand(B, T, generator=g) < p
+            hit = draw(lambda g: torch.rand(T, generator=g)) < p
             if self.keep_documents:
                 hit &= out != self.eos_id
             if kind == "swap":
@@ -56,10 +63,11 @@ class Augmenter:
                 out[:, :-1] = torch.where(hit[:, :-1], left[:, 1:], out[:, :-1])
                 out[:, 1:] = torch.where(hit[:, :-1], left[:, :-1], out[:, 1:])
             elif kind == "noise":
-                random_ids = torch.randint(0, self.vocab_size, (B, T), generator=g)
                 if self.keep_documents:  # the ids but EOS, uniformly: EOS's draw moves to the last id
-                    random_ids = torch.randint(0, self.vocab_size - 1, (B, T), generator=g)
+                    random_ids = draw(lambda g: torch.randint(0, self.vocab_size - 1, (T,), generator=g))
                     random_ids[random_ids == self.eos_id] = self.vocab_size - 1
+                else:
+                    random_ids = draw(lambda g: torch.randint(0, self.vocab_size, (T,), generator=g))
                 out = torch.where(hit, random_ids, out)
             else:
                 out = out.masked_fill(hit, self.eos_id)

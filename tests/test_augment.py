@@ -102,3 +102,14 @@ def test_augment_bench_smoke(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "a.json").read_text())["results"]
     assert set(results) == {"none", "all three"} and all(v["best_val_loss"] > 0 for v in results.values())
+
+
+def test_a_sample_is_augmented_the_same_in_any_batch():
+    """Per-sample generators: one batch of 4 equals two batches of 2 (2 ranks, or grad_accum 2)."""
+    from lm.augment import Augmenter
+
+    x = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(0))
+    augment = Augmenter([("swap", 0.2), ("noise", 0.2), ("drop", 0.1)], 50, 0, seed=3)
+    whole = augment(x, 100)
+    assert torch.equal(whole, torch.cat([augment(x[:2], 100), augment(x[2:], 102)]))
+    assert not torch.equal(whole, x)

@@ -115,3 +115,21 @@ def test_sft_bench_smoke(cli, tmp_path):
     result = json.loads(out.read_text())
     for name in ("before", "after"):
         assert 0 < result[name]["completion_loss"] < 20 and 0 <= result[name]["parse_share"] <= 1
+
+
+def test_the_step_loss_is_the_mean_over_every_target_of_the_global_batch(char_data, tmp_path):  # noqa: F811
+    """Rows hold different numbers of targets: grad_accum 2 x 2 rows gives the loss of 1 x 4 rows (and so
+    does 2 ranks x 2 rows: tests/test_matrix.py)."""
+    examples = tmp_path / "sft.jsonl"
+    words = "the quick brown fox jumps over a lazy dog".split()
+    examples.write_text("".join(json.dumps({"prompt": f"say {w}\n", "completion": f"{w} " * (1 + i % 4)}) + "\n"
+                                for i, w in enumerate(words * 4)))
+    common = ["train.max_steps=1", f"sft.train_file={examples}", "sft.val_fraction=0", "train.eval_interval=100",
+              "model.dropout=0.0"]
+    one = Trainer(load_config(None, overrides(char_data, tmp_path / "a", *common, "train.batch_size=4")))
+    two = Trainer(load_config(None, overrides(char_data, tmp_path / "b", *common, "train.batch_size=2",
+                                              "train.grad_accum=2")))
+    a, b = one.train_step()["loss"], two.train_step()["loss"]
+    assert a == pytest.approx(b, rel=1e-6)
+    for name, p in one.model.named_parameters():
+        assert torch.allclose(p, dict(two.model.named_parameters())[name], atol=1e-6), name

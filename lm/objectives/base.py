@@ -65,6 +65,11 @@ class Objective:
         """(inputs, targets) of a batch as the model reads them."""
         return x, y
 
+    def weight(self, y):
+        """What turns a micro-batch's mean loss into its share of the global batch's mean: 1 where every
+        micro-batch holds as many targets as any other (language modelling)."""
+        return 1.0
+
     def loss(self, model, x, y) -> torch.Tensor:
         return model(x, y)[1]
 

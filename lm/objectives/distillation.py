@@ -23,4 +23,4 @@ class Distillation:
     def loss(self, model, x, y) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher(x)[0]
-        return distillation_loss(model(x)[0], teacher_logits, y, self.temperature, self.alpha)
+        return distillation_loss(model(x)[0], teacher_logits, y, self.temperature, self.alpha) * self.inner.weight(y)

@@ -2,10 +2,12 @@
 the document mask; data.dir gives the tokenizer (its shards are not read). The data side is lm/sft.py."""
 from __future__ import annotations
 
+import torch
+
 from data_prep import load_tokenizer
 from lm.evaluation import Evaluator
 from lm.objectives.language import LanguageModeling
-from lm.sft import prepare_sft, split_targets
+from lm.sft import IGNORE, prepare_sft, split_targets
 
 
 class PromptCompletion(LanguageModeling):
@@ -24,3 +26,16 @@ class PromptCompletion(LanguageModeling):
 
     def inputs(self, x, y):
         return split_targets(x, y)  # prompt tokens are no targets
+
+    def begin_step(self, samples: int, count: int):
+        """Rows hold different numbers of targets, so a micro-batch's mean loss is weighed by its share of the
+        global batch's targets: the step's loss is the mean over every target of the global batch, the same
+        on any number of ranks and with any grad_accum (the trainer and FSDP average over ranks x micro-batches)."""
+        targets = int((self.train_stream.read(samples, count)[:, 1:] >= 0).sum())
+        self._per_target = self.trainer.world.size * self.cfg.train.grad_accum / max(1, targets)
+
+    def weight(self, y) -> torch.Tensor:
+        return (y != IGNORE).sum() * self._per_target
+
+    def loss(self, model, x, y) -> torch.Tensor:
+        return model(x, y)[1] * self.weight(y)
