@@ -43,7 +43,6 @@ INGREDIENTS: dict[str, list[str]] = {
     "higher lr": ["optim.lr=0.004"],
     "wsd schedule": ["optim.schedule=wsd", "optim.wsd_decay_fraction=0.4", "optim.min_lr=0.0",
                      "optim.warmup_steps=50"],
-    "relu2": ["model.mlp=relu2"],
     "batch 32": ["train.batch_size=32"],
     "zero-init, untied head": ["model.zero_init=true", "model.tie_embeddings=false"],
 }
