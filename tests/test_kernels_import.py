@@ -32,3 +32,8 @@ def test_transformers_imports_from_the_repository_root():
                         "lm.kernels.flash_attention; print(transformers.__version__)"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_no_module_of_ours_is_named_kernels():
+    """Tests and benches put bench/ on sys.path: a bench/kernels.py there shadowed Hugging Face's package."""
+    assert not list(ROOT.glob("*/kernels.py")) and not (ROOT / "kernels" / "__init__.py").exists()

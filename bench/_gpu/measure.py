@@ -50,7 +50,7 @@ LN_PASS_TENSORS = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
     """4·B·H·T²·D for QKᵀ and PV, halved when causal; the backward counts 2.5x the forward and
     forward+backward 3.5x (FlashAttention-2's benchmark convention, so the figures compare with the
-    published ones in /work/shared/GUIDE.md; bench/kernels.py counts the same way)."""
+    published ones in /work/shared/GUIDE.md; bench/kernel_speed.py counts the same way)."""
     return 4 * B * H * T * T * D * (0.5 if causal else 1.0) * ATTN_PASS_FACTOR[mode]
 
 

@@ -1,6 +1,6 @@
 """Our Triton kernels beside PyTorch's on one GPU: attention TFLOP/s and LayerNorm GB/s.
 
-    python bench/kernels.py [--out bench/results/kernels.json] [--quick]
+    python bench/kernel_speed.py [--out bench/results/kernel_speed.json] [--quick]
 
 Attention: causal, bf16, B*T = 16k tokens, H*D = 2048, against F.scaled_dot_product_attention with the
 flash, cuDNN and memory-efficient backends (a backend that raises is skipped and the reason recorded).
@@ -146,11 +146,11 @@ def print_layer_norm(rows, copy):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernel_speed.json")
     p.add_argument("--quick", action="store_true", help="T = 1k, 4k and N = 1024, 8192 only")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU: the Triton kernels are measured compiled; nothing to do.")
+        print("bench/kernel_speed.py needs a CUDA GPU: the Triton kernels are measured compiled; nothing to do.")
         return 0
     sys.path.insert(0, str(ROOT))
     import triton
