@@ -237,7 +237,7 @@ class _Broken:
         self.error = error
 
     def close(self) -> None:
-        pass
+        """Nothing was opened: the stream failed before it started."""
 
     def __getattr__(self, name):
         raise OSError(f"reopening failed ({type(self.error).__name__}: {self.error})")

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: `except Exception` misses it
 
 from lm.config import Config, ConfigError, config_from_toml_text, head_size, mlp_hidden_size, to_toml
+from lm.files import fsync_dir
 
 CKPT_DIR = "ckpt"
 RECORD = "checkpoint.json"
@@ -325,15 +326,6 @@ def _write(path: Path, data: bytes):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path):
-    """Makes the directory's entries (created or renamed files) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _clear_leftovers(root: Path):
     """What a killed save left: a `.tmp` being written, a `.trash` being deleted, and an `.old` being
     replaced, which goes back into place if its replacement never arrived."""
@@ -357,7 +349,7 @@ def _publish(tmp: Path, final: Path):
         if old.exists():
             os.replace(old, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -413,7 +405,7 @@ def save(run_dir: Path, step: int, model, optimizer, info: dict, cfg: Config, to
             files = {name: entry for part, _ in gathered for name, entry in part.items()}
             files.update(_describe(tmp, sorted(p.name for p in tmp.iterdir() if p.name not in files)))
             _write(tmp / RECORD, json.dumps({"step": step, **info, "files": files}, indent=2).encode())  # last
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _publish(tmp, final)
         except (Exception, CheckpointException) as e:
             error = _save_error(e, root, step)

@@ -167,7 +167,8 @@ def expect_tensor(tensors: dict, name: str, path, shape=None, dtypes=None):
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def _fsync_dir(directory: Path):
+def fsync_dir(directory: Path):
+    """Makes the directory's entries (created or renamed files) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -180,7 +181,7 @@ def _fsync_tree(root: Path):
         for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _temporary_sibling(dest: Path, kind: str) -> Path:
@@ -232,7 +233,7 @@ def output_dir(dest: str | os.PathLike, force: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as e:
         raise writing_error(e, dest) from None
     finally:

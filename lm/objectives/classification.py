@@ -23,6 +23,7 @@ from lm.classify import BEST_DIR, LABELS_FILE, class_logits, detached_head
 from lm.classify_data import Batcher, ClassificationData, ExampleSampler, Examples, load_data, pad
 from lm.config import Config, ConfigError
 from lm.evaluation import rank_batches
+from lm.files import fsync_dir
 from lm.initialize import load_initial_weights
 from lm.objectives.base import Objective
 
@@ -175,11 +176,7 @@ def publish_best(ckpt: Path, run_dir: Path) -> Path:
     if best.exists():
         os.replace(best, old)
     os.replace(tmp, best)
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(run_dir)
     if old.exists():
         shutil.rmtree(old)
     return best
