@@ -11,9 +11,9 @@ import sys
 import torch
 
 from data_prep import DataError, load_tokenizer
-from lm import checkpoint
-from lm.export import load
-from lm.generate import check_sampling, generate, heal_prompt
+from lm.training import checkpoint
+from lm.interop.export import load
+from lm.model.generate import check_sampling, generate, heal_prompt
 
 
 def parse_args(argv):
@@ -68,7 +68,7 @@ def load_model(args, device):
     ckpt, model = load(args.path, device)
     tokenizer = load_tokenizer(ckpt)
     if args.int8:
-        from lm.quantize import quantize_int8
+        from lm.compress.quantize import quantize_int8
 
         model = quantize_int8(model)
     return model.to(device=device, dtype=getattr(torch, args.dtype)), tokenizer, device

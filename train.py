@@ -1,7 +1,7 @@
 """Train a GPT: `python train.py CONFIG [section.key=value ...] [--resume]`.
 
 Also `torchrun --nproc_per_node=1 train.py CONFIG`; `python train.py CONFIG --plan [--world-size N ...]` prints
-the memory / speed plan (lm/plan.py) and trains nothing. Mistakes in the config, the data or a checkpoint end
+the memory / speed plan (lm/training/plan.py) and trains nothing. Mistakes in the config, the data or a checkpoint end
 with a one-line `error: ...` and exit code 2; nothing already on disk is overwritten.
 """
 from __future__ import annotations
@@ -11,8 +11,9 @@ import os
 import sys
 
 from data_prep import DataError
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, load_config
+from lm.training.checkpoint import CheckpointError
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
                            "step time / tokens per day at --mfu, then exit (rank 0 prints)")
     plan.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                       help="GPUs to plan for (default: $WORLD_SIZE or 1)")
-    plan.add_argument("--gpu", default="H100", help="a device name of lm.metrics.PEAK_FLOPS (default H100)")
+    plan.add_argument("--gpu", default="H100", help="a device name of lm.training.metrics.PEAK_FLOPS (default H100)")
     plan.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB, 96GiB (default 80GB)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
     plan.add_argument("--micro-batch", type=int, default=None,
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.plan:
         return print_plan(args)
-    from lm.trainer import Trainer, TrainingError  # after argument parsing, so --help is instant
+    from lm.training.trainer import Trainer, TrainingError  # after argument parsing, so --help is instant
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -82,7 +83,7 @@ def finished_already(cfg, last_good: bool) -> str | None:
     """`--resume` of a run whose newest checkpoint is at train.max_steps: what to say instead of training."""
     from pathlib import Path
 
-    from lm import checkpoint
+    from lm.training import checkpoint
 
     ckpt = checkpoint.find_resumable(Path(cfg.train.out_dir), last_good)
     if ckpt is None:
@@ -97,7 +98,7 @@ def finished_already(cfg, last_good: bool) -> str | None:
 def print_plan(args) -> int:
     import json
 
-    from lm.plan import format_plan, parse_memory, plan
+    from lm.training.plan import format_plan, parse_memory, plan
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep import prepare  # noqa: E402
-from lm.config import ModelConfig, load_config  # noqa: E402
-from lm.plan import param_shapes  # noqa: E402
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig  # noqa: E402
+from lm.training.plan import param_shapes  # noqa: E402
 
 # the GPT-2 block is the reference; one option at a time; then all of them (Llama's block)
 VARIANTS = {
@@ -52,7 +53,7 @@ def equal_parameters(base: ModelConfig, option: dict) -> ModelConfig:
 
 
 def run(config: Path, overrides: list[str], model: ModelConfig, out: Path) -> dict:
-    from lm.trainer import Trainer
+    from lm.training.trainer import Trainer
 
     shape = [f"model.{k}={json.dumps(getattr(model, k))}" for k in
              ("norm", "position", "mlp", "mlp_hidden", "n_kv_head", "qk_norm", "bias")]

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep import is_prepared, prepare  # noqa: E402
-from lm import checkpoint  # noqa: E402
-from lm.config import load_config  # noqa: E402
-from lm.trainer import Trainer  # noqa: E402
+from lm.training import checkpoint  # noqa: E402
+from lm.config.load import load_config  # noqa: E402
+from lm.training.trainer import Trainer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ("warandpeace", "docstring", "shakespeare")  # majority, middle, minority

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lm.config import load_config  # noqa: E402
+from lm.config.load import load_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.toml"
 
@@ -47,7 +47,7 @@ def disk_bytes(path: Path, params: int) -> int:
     """The weights' bytes on disk: the file of an exported, pruned or quantized directory; for a training run
     the fp32 weights alone (4 bytes a parameter: its checkpoints also hold the optimizer). Magnitude-pruned
     weights are stored dense: the zeros save nothing on disk."""
-    from lm import checkpoint
+    from lm.training import checkpoint
 
     ckpt = checkpoint.resolve(path)
     return (ckpt / "model.safetensors").stat().st_size if (ckpt / "model.safetensors").is_file() else 4 * params
@@ -55,8 +55,8 @@ def disk_bytes(path: Path, params: int) -> int:
 
 def evaluate(path: Path, data: Path, sequences: int, batch: int) -> dict:
     """Val loss, bits/byte and forward tokens/s of the model at `path` on `data`'s val split."""
-    from lm.evaluation import ValSet
-    from lm.export import load
+    from lm.training.evaluation import ValSet
+    from lm.interop.export import load
 
     _, model = load(path)
     val = ValSet("val", str(data), model.cfg.block_size)

@@ -1,5 +1,5 @@
 """Generation speed: tokens/s with and without the KV cache at 256 and 1024 new tokens, batch 1 and 8, fp32
-and int8 (lm/quantize.py) side by side with their ratio; with a trained checkpoint, int8 against fp32 on it:
+and int8 (lm/compress/quantize.py) side by side with their ratio; with a trained checkpoint, int8 against fp32 on it:
 val perplexity and batch-1 tokens/s.
 
     python bench/generate.py [--checkpoint runs/quickstart] [--rounds 3] [--out bench/results/generate.json]
@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's data_prep package, not bench/data_prep.py beside this file
 
-from lm.config import ModelConfig  # noqa: E402
-from lm.generate import generate  # noqa: E402
-from lm.model import GPT  # noqa: E402
-from lm.quantize import dynamic_engine, quantize_int8  # noqa: E402
+from lm.config.schema import ModelConfig  # noqa: E402
+from lm.model.generate import generate  # noqa: E402
+from lm.model.gpt import GPT  # noqa: E402
+from lm.compress.quantize import dynamic_engine, quantize_int8  # noqa: E402
 
 
 @torch.no_grad()
@@ -90,8 +90,8 @@ def speed_rows(fp32: GPT, int8: GPT, rounds: int, with_naive: bool) -> list[dict
 @torch.no_grad()
 def val_perplexity(model: GPT, ckpt_dir: Path, windows: int = 64) -> float:
     from data_prep import TokenReader
-    from lm import checkpoint
-    from lm.data import SampleStream
+    from lm.training import checkpoint
+    from lm.data.batches import SampleStream
 
     cfg = checkpoint.load_config(ckpt_dir)
     stream = SampleStream(TokenReader(cfg.data.dir, "val"), cfg.model.block_size, seed=0, name="val")
@@ -118,7 +118,7 @@ def main():
               "params": model.num_params(), "int8_engine": dynamic_engine() or "weight-only fallback"}
     result["speed"] = speed_rows(model, quantize_int8(copy.deepcopy(model)), args.rounds, not args.no_naive)
     if args.checkpoint:
-        from lm.export import load
+        from lm.interop.export import load
 
         ckpt, trained = load(args.checkpoint)
         q = quantize_int8(copy.deepcopy(trained))

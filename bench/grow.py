@@ -7,7 +7,7 @@ A small GPT (2 layers x 64, characters of tinyshakespeare) trains N steps; `lm.g
 (new zero blocks, and stacked copies), 2x wider (HyperCloning), and both; each grown model trains M more
 steps (a new run from init.from: fresh AdamW, the schedule warms up again). Each grown shape is also
 trained from scratch for as many FLOPs as the small run plus its continuation used together. FLOPs are
-the planner's (lm.plan.flops_per_token x tokens). Reported: the validation loss right after growing (the
+the planner's (lm.training.plan.flops_per_token x tokens). Reported: the validation loss right after growing (the
 jump), the loss of both at half and all of the budget, and the FLOPs the grown path needs to reach the
 scratch run's final loss, as a fraction of the scratch run's (linear interpolation between evaluations).
 """
@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep import is_prepared, prepare  # noqa: E402
-from lm.config import load_config  # noqa: E402
+from lm.config.load import load_config  # noqa: E402
 from lm.grow import GrowSpec  # noqa: E402
 from lm.grow.run import grow  # noqa: E402
-from lm.plan import flops_per_token  # noqa: E402
-from lm.trainer import Trainer  # noqa: E402
+from lm.training.plan import flops_per_token  # noqa: E402
+from lm.training.trainer import Trainer  # noqa: E402
 
 COMMON = ["model.block_size=64", "model.dropout=0.0", "model.bias=false", "train.batch_size=16",
           "train.device=cpu", "train.dtype=float32", "train.eval_sequences=64", "train.keep_checkpoints=1",

@@ -1,8 +1,8 @@
 """Peak memory of training steps with and without activation checkpointing, and with the whole fp32 logits
-(model.loss_chunk = 0) against the chunked loss (lm/loss.py, the default model.loss_chunk), for one model
+(model.loss_chunk = 0) against the chunked loss (lm/model/loss.py, the default model.loss_chunk), for one model
 and batch: on CPU the peak of live tensor bytes in the profiler's allocation record (each case in a fresh
 process; RSS would also count the C heap's fragmentation), CUDA max allocated on a GPU; beside each,
-lm/plan.py's prediction.
+lm/training/plan.py's prediction.
 
     python bench/memory.py [--device cpu|cuda] [--out bench/results/memory.json]
 """
@@ -40,10 +40,10 @@ def measure(mode: str, loss_chunk: int, device: str, steps: int = 3) -> dict:
     """Runs in a child process: memory growth from after the model and optimizer exist to the peak."""
     import torch
 
-    from lm.config import load_config
-    from lm.optim import build_optimizer
-    from lm.parallel import World, build_model
-    from lm.plan import plan
+    from lm.config.load import load_config
+    from lm.training.optim import build_optimizer
+    from lm.training.parallel import World, build_model
+    from lm.training.plan import plan
 
     cfg = load_config(None, [*SHAPE, f"parallel.activation_checkpointing={mode}", f"train.device={device}",
                              f"model.loss_chunk={loss_chunk}"])
@@ -86,7 +86,7 @@ def measure(mode: str, loss_chunk: int, device: str, steps: int = 3) -> dict:
 
 
 def main():
-    from lm.config import ModelConfig
+    from lm.config.schema import ModelConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")

@@ -53,8 +53,8 @@ SMOKE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_si
 
 def run_one(data: Path, run_dir: Path, overrides: list[str]) -> dict:
     """One training run; its final and lowest validation loss."""
-    from lm.config import load_config
-    from lm.trainer import Trainer
+    from lm.config.load import load_config
+    from lm.training.trainer import Trainer
 
     cfg = load_config(CONFIG, [f"data.dir={data}", f"train.out_dir={run_dir}", "log.progress=false",
                                "train.keep_checkpoints=1", *overrides])

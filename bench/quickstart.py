@@ -229,7 +229,7 @@ def load_run(run_dir: Path):
     import warnings
 
     from data_prep import load_tokenizer
-    from lm.export import load
+    from lm.interop.export import load
 
     with warnings.catch_warnings():  # DCP's note that it loads in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -243,7 +243,7 @@ def sample(model, tokenizer, samples: int, max_new_tokens: int, temperature: flo
     whether it parses."""
     import torch
 
-    from lm.generate import generate, heal_prompt
+    from lm.model.generate import generate, heal_prompt
 
     ids, first, removed = tokenizer.encode(PROMPT), None, ""
     if heal:  # as sample.py does
@@ -330,7 +330,7 @@ def text_val_dir(args) -> Path | None:
     if args.text_val is not None:
         return None if str(args.text_val) == "none" else args.text_val
     from data_prep import is_prepared
-    from lm.config import load_config
+    from lm.config.load import load_config
 
     data_dir = ROOT / load_config(args.config, [o for o in args.overrides if o.startswith("data.dir=")]).data.dir
     return data_dir if is_prepared(data_dir) else None

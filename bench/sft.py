@@ -59,8 +59,8 @@ def stdlib_examples(limit: int, seed: int = 0, max_chars: int = 1200) -> list[di
 
 def completion_loss(run: Path, val_file: Path) -> float:
     """The mean loss on the val examples' completion tokens (packed as tuning packs them)."""
-    from lm.config import load_config
-    from lm.sft import prepare_sft
+    from lm.config.load import load_config
+    from lm.objectives.sft_data import prepare_sft
 
     model, tokenizer = load_run(run)
     cfg = load_config(None, [f"model.block_size={model.cfg.block_size}", f"sft.train_file={val_file}",
@@ -81,7 +81,7 @@ def completion_loss(run: Path, val_file: Path) -> float:
 def parse_share(run: Path, examples: list[dict], max_new_tokens: int) -> float:
     """The share of bodies generated after each prompt (temperature 0.8, seed = its index) that end (EOS, or
     a line back at the def's column) and whose function, prompt included, parses as is."""
-    from lm.generate import generate
+    from lm.model.generate import generate
 
     model, tokenizer = load_run(run)
     model.document_eos = None
@@ -141,7 +141,7 @@ def main(argv=None):
                   [*small, f"train.max_steps={args.pretrain_steps}", f"train.eval_interval={args.pretrain_steps}",
                    f"train.out_dir={base}"])
         tuned = tmp / "tuned"
-        from lm import checkpoint
+        from lm.training import checkpoint
 
         config = checkpoint.resolve(base) / "config.toml"
         train(config, [f"init.from={base}", f"train.out_dir={tuned}", f"sft.train_file={tmp / 'train.jsonl'}",

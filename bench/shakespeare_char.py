@@ -32,11 +32,11 @@ def bare_loop(data_dir: str, out: str, overrides: list[str]):
     import torch
 
     from data_prep import TokenReader
-    from lm.config import load_config
-    from lm.data import SampleStream
-    from lm.evaluation import VAL_SEED
-    from lm.model import GPT
-    from lm.optim import LRSchedule
+    from lm.config.load import load_config
+    from lm.data.batches import SampleStream
+    from lm.training.evaluation import VAL_SEED
+    from lm.model.gpt import GPT
+    from lm.training.optim import LRSchedule
 
     cfg = load_config(CONFIG, [f"data.dir={data_dir}", *overrides])
     reader = TokenReader(data_dir, "train")

@@ -70,7 +70,7 @@ def run_baseline(data: Path, out: Path, overrides: list[str]) -> dict:
     """The bare nanoGPT-style loop (bench/shakespeare_char.py --bare) as one timed command."""
     wall = timed([sys.executable, str(ROOT / "bench" / "shakespeare_char.py"), "--bare", str(data), str(out),
                   *overrides])
-    from lm.config import load_config
+    from lm.config.load import load_config
 
     result = json.loads(out.read_text())
     cfg = load_config(BASELINE_CONFIG, overrides)
@@ -80,7 +80,7 @@ def run_baseline(data: Path, out: Path, overrides: list[str]) -> dict:
 
 def run_ours(config: Path, data: Path, run_dir: Path, overrides: list[str], target: float | None) -> dict:
     """train.py CONFIG as one timed command; its evaluations read back from the run's metrics.jsonl."""
-    from lm.config import load_config
+    from lm.config.load import load_config
 
     args = [f"data.dir={data}", f"train.out_dir={run_dir}", "log.progress=false", "train.keep_checkpoints=1",
             *overrides]

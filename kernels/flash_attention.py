@@ -642,7 +642,7 @@ def _check_segments(segments, q) -> None:
     if segments.device != q.device:
         raise ValueError(f"segments must be on q's device ({q.device}), got {segments.device}")
     # Block skipping assumes each document is one contiguous run. Checked on a CPU only: on a GPU the check
-    # would sync with the device in every layer; there the caller's ids (lm.position.document_segments,
+    # would sync with the device in every layer; there the caller's ids (lm.model.position.document_segments,
     # a cumulative sum) are non-decreasing by construction.
     if not segments.is_cuda and T > 1 and bool((segments[:, 1:] < segments[:, :-1]).any()):
         raise ValueError("segments must be non-decreasing along T (each document one contiguous run)")

@@ -1,88 +1,30 @@
-"""The classification head on the GPT, and `python -m lm.classify RUN --text ...` (training:
-lm/objectives/classification.py).
+"""Classify texts with a trained classifier: `python -m lm.classify RUN --text ...` (or --file).
 
-The model is the GPT with one more module, `cls_head`: a Linear(n_embd, classes) on a pooled hidden state of
-the final norm (transformer.ln_f). "last" pooling reads the last real token (each text's closing EOS, which
-has attended to the whole text), "mean" averages the real tokens. The head is a submodule of the model, so it
-is built, initialized (by name and seed), sharded, checkpointed and restored like every other parameter;
-the LM head stays (tied to the embedding) and unused. The data side (JSONL, labels, padding, class weights,
-oversampling) is lm/classify_data.py.
+The head is lm/model/classifier.py; training is lm/objectives/classification.py.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from data_prep import DataError, load_tokenizer
-from lm import checkpoint
-from lm.classify_data import encode, pad
-from lm.config import Config, ConfigError
-
-LABELS_FILE = "labels.json"
-BEST_DIR = "best"
-
-
-# ---- the head ---------------------------------------------------------------------------------------
-class ClassificationHead(nn.Linear):
-    """Linear(n_embd, classes) on each sequence's pooled hidden state. `lengths` counts each row's real
-    tokens; the rows are right-padded after them (lm/classify_data.py), so the padded positions are never
-    read: "last" takes position lengths - 1, "mean" averages positions < lengths."""
-
-    def __init__(self, n_embd: int, classes: int, pooling: str):
-        super().__init__(n_embd, classes, bias=True)
-        self.pooling = pooling
-
-    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        B, T, _ = hidden.shape
-        if self.pooling == "last":
-            pooled = hidden[torch.arange(B, device=hidden.device), lengths - 1]
-        else:
-            mask = (torch.arange(T, device=hidden.device) < lengths[:, None]).to(hidden.dtype)
-            pooled = (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
-        return super().forward(pooled)
-
-
-def attach_head(model: nn.Module, cfg: Config, seed: int | None = None):
-    """Give `model` its classification head (cfg.classify.labels resolved). Its initial values come from
-    the model's generator per parameter name (N(0, 0.02) weights, zero bias), as every parameter's do; on
-    the meta device they are drawn later by init_weights."""
-    head = ClassificationHead(cfg.model.n_embd, len(cfg.classify.labels), cfg.classify.pooling)
-    model.cls_head = head
-    if head.weight.is_meta:
-        return
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            p.copy_(model.initial_value(f"cls_head.{name}", cfg.train.seed if seed is None else seed))
-
-
-@contextlib.contextmanager
-def detached_head(model: nn.Module):
-    """The model without its head for a while: loading a source that has none (a pretraining run, hf:DIR)."""
-    head = model._modules.pop("cls_head")
-    try:
-        yield
-    finally:
-        model._modules["cls_head"] = head
-
-
-def class_logits(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return model(ids, lengths=lengths)[0]
-
+from data_prep import DataError, jsonl_objects, load_tokenizer
+from lm.config.schema import Config, ConfigError
+from lm.files import read_text
+from lm.model.attention import inference_backends
+from lm.model.classifier import BEST_DIR, attach_head, class_logits
+from lm.model.gpt import GPT
+from lm.objectives.classification_data import encode, pad
+from lm.training import checkpoint
 
 # ---- inference --------------------------------------------------------------------------------------
 def load_classifier(path, device="cpu", last: bool = False):
     """(checkpoint, config, model in eval mode, tokenizer) of a classification run: RUN/best/ when there is
     one (unless `last`), else the run's newest checkpoint, or the checkpoint directory given."""
-    from lm.attention import inference_backends
-    from lm.model import GPT
-
     path = Path(path)
     if not last and (path / BEST_DIR / checkpoint.RECORD).is_file():
         path = path / BEST_DIR
@@ -110,9 +52,6 @@ def predict(model, tokenizer, cfg: Config, texts: list[str], batch_size: int = 3
 
 def _read_texts(path: Path, field: str) -> list[str]:
     """A JSONL file's `field` per record, or a text file's non-empty lines; at least one."""
-    from data_prep import jsonl_objects
-    from lm.files import read_text
-
     if path.suffix == ".jsonl":
         texts = []
         for number, record in jsonl_objects(path, "texts to classify"):

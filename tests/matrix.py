@@ -60,7 +60,8 @@ def overrides(cell, data: Path, inputs: dict, teacher: Path, out: Path, world_si
 
 def refusal(cell, args) -> str | None:
     """The one-line refusal of a cell's config, or None when it runs."""
-    from lm.config import ConfigError, load_config
+    from lm.config.load import load_config
+    from lm.config.schema import ConfigError
     from lm.objectives import objective_class
 
     try:
@@ -72,8 +73,8 @@ def refusal(cell, args) -> str | None:
 
 
 def train_teacher(data: Path, out: Path) -> Path:
-    from lm.config import load_config
-    from lm.trainer import Trainer
+    from lm.config.load import load_config
+    from lm.training.trainer import Trainer
 
     trainer = Trainer(load_config(None, [*BASE, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4",
                                          "model.dropout=0.0"]))
@@ -84,9 +85,9 @@ def train_teacher(data: Path, out: Path) -> Path:
 
 def run_cell(cell, data: Path, inputs: dict, teacher: Path, out: Path, world_size: int = 1) -> dict:
     """Train 4 steps; again to step 2 and resumed; the losses, validation records and the final checkpoint."""
-    from lm import checkpoint
-    from lm.config import load_config
-    from lm.trainer import Trainer
+    from lm.training import checkpoint
+    from lm.config.load import load_config
+    from lm.training.trainer import Trainer
 
     def train(run_dir, stop=None, resume=False):
         trainer = Trainer(load_config(None, overrides(cell, data, inputs, teacher, run_dir, world_size)), resume=resume)
@@ -117,7 +118,7 @@ def main(argv):
             results[cell_id(cell)] = run_cell(cell, data, inputs, teacher, out / cell_id(cell), world_size)
     if int(os.environ.get("RANK", 0)) == 0:
         (out / "results.json").write_text(json.dumps(results))
-    from lm.parallel import close_world
+    from lm.training.parallel import close_world
 
     close_world()
 

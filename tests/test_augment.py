@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from lm.augment import Augmenter, parse_augment
-from lm.config import ConfigError, load_config
-from lm.trainer import Trainer
+from lm.data.augment import Augmenter, parse_augment
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.training.trainer import Trainer
 from tests.test_train import char_data, losses, overrides  # noqa: F401  (the fixture)
 
 V, EOS = 50, 49
@@ -79,7 +80,7 @@ def test_drop_with_document_mask_is_refused():
 
 
 def test_with_masked_documents_augmentation_never_moves_writes_or_replaces_eos():
-    from lm.augment import Augmenter
+    from lm.data.augment import Augmenter
 
     eos, vocab = 3, 6
     x = torch.randint(0, vocab, (64, 32), generator=torch.Generator().manual_seed(0))
@@ -106,7 +107,7 @@ def test_augment_bench_smoke(cli, tmp_path):
 
 def test_a_sample_is_augmented_the_same_in_any_batch():
     """Per-sample generators: one batch of 4 equals two batches of 2 (2 ranks, or grad_accum 2)."""
-    from lm.augment import Augmenter
+    from lm.data.augment import Augmenter
 
     x = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(0))
     augment = Augmenter([("swap", 0.2), ("noise", 0.2), ("drop", 0.1)], 50, 0, seed=3)

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.attention import sdpa_attention
-from lm.checkpoint import CheckpointError, check_shape
-from lm.config import PRESETS, Config, ConfigError, ModelConfig, load_config, mlp_hidden_size
-from lm.generate import KVCache
-from lm.model import GPT
-from lm.plan import param_shapes
-from lm.position import apply_rope, document_positions, document_segments, rope_tables
+from lm.model.attention import sdpa_attention
+from lm.training.checkpoint import CheckpointError, check_shape
+from lm.config.load import load_config
+from lm.config.schema import PRESETS, Config, ConfigError, ModelConfig, mlp_hidden_size
+from lm.model.kv_cache import KVCache
+from lm.model.gpt import GPT
+from lm.training.plan import param_shapes
+from lm.model.position import apply_rope, document_positions, document_segments, rope_tables
 
 V, T, L, H, C = 61, 32, 2, 4, 32
 D = C // H
@@ -212,7 +213,7 @@ def test_a_checkpoint_of_another_block_is_refused_by_name(tmp_path):
 
 def test_training_with_document_mask_and_llama_blocks(tiny_corpus, tmp_path):
     from data_prep import prepare
-    from lm.trainer import Trainer
+    from lm.training.trainer import Trainer
 
     prepare([str(tiny_corpus)], tmp_path / "data", tokenizer="char", show_progress=False)
     cfg = load_config(None, ["model.n_layer=1", "model.n_head=4", "model.n_embd=32", "model.block_size=64",

@@ -15,36 +15,29 @@ import torch
 
 import sample
 import train
-from data_prep import prepare
-from lm import checkpoint, export
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, load_config
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.training import checkpoint, checkpoint_files, checkpoint_save
+from lm import export
+from lm.training.checkpoint import CheckpointError
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
+from tests import conftest
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
-        "train.eval_sequences=8", "log.progress=false", "log.interval=1", "train.device=cpu",
-        "optim.warmup_steps=3", "train.eval_interval=2", "train.keep_checkpoints=2"]
+TINY = [*conftest.TINY, "optim.warmup_steps=3", "train.eval_interval=2", "train.keep_checkpoints=2"]
 NEWEST, OLDER = "step_00000004", "step_00000002"
 CONFIG = "configs/shakespeare_char.toml"  # what train.py reads; a checkpoint of another shape is refused
 
 
-@pytest.fixture(scope="module")
-def data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust_data") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
-
-
-def overrides(data, run, *extra):
-    return [*TINY, f"data.dir={data}", f"train.out_dir={run}", *extra]
+def overrides(char_dataset, run, *extra):
+    return [*TINY, f"data.dir={char_dataset}", f"train.out_dir={run}", *extra]
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
+def trained(char_dataset, tmp_path_factory):
     """One tiny run, trained once: checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("trust_run") / "run"
-    Trainer(load_config(CONFIG, overrides(data, run, "train.max_steps=4"))).run()
+    Trainer(load_config(CONFIG, overrides(char_dataset, run, "train.max_steps=4"))).run()
     return run
 
 
@@ -69,9 +62,9 @@ def reseal(ckpt: Path):
     path.write_text(json.dumps(info))
 
 
-def train_main(capsys, data, run, *extra) -> tuple[int, str]:
+def train_main(capsys, char_dataset, run, *extra) -> tuple[int, str]:
     """train.py in this process (the same code path as the command, without a fresh interpreter)."""
-    code = train.main([CONFIG, *overrides(data, run, *extra)])
+    code = train.main([CONFIG, *overrides(char_dataset, run, *extra)])
     return code, capsys.readouterr().err
 
 
@@ -152,11 +145,11 @@ def test_crafted_metadata_runs_nothing(run, tmp_path, payload):
 
 
 @pytest.mark.slow
-def test_crafted_metadata_through_resume_and_sample_runs_nothing(cli, data, run, tmp_path):
+def test_crafted_metadata_through_resume_and_sample_runs_nothing(cli, char_dataset, run, tmp_path):
     marker = tmp_path / "pwned"
     plant(run / "ckpt" / NEWEST, "filesystem os.system", marker)
     before = snapshot(run / "ckpt")
-    r = cli("train.py", CONFIG, *overrides(data, run, "train.max_steps=6"), "--resume")
+    r = cli("train.py", CONFIG, *overrides(char_dataset, run, "train.max_steps=6"), "--resume")
     assert_one_line_error(r.returncode, r.stderr, ".metadata")
     s = cli("sample.py", run, "--max-new-tokens", "5")
     assert_one_line_error(s.returncode, s.stderr, ".metadata")
@@ -199,7 +192,7 @@ def test_storage_paths_outside_the_checkpoint_are_refused(run):
 def test_an_allowed_name_that_is_not_a_class_is_still_refused(run, monkeypatch):
     """Only classes (and the dtypes and layout helper named one by one) come out of the unpickler, even
     if a function were listed by mistake."""
-    monkeypatch.setitem(checkpoint._METADATA_CLASSES, ("posix", "system"), os.system)
+    monkeypatch.setitem(checkpoint_files._METADATA_CLASSES, ("posix", "system"), os.system)
     ckpt = run / "ckpt" / NEWEST
     (ckpt / ".metadata").write_bytes(_pickle4(_call(_global("posix", "system"), _str("true"))))
     reseal(ckpt)
@@ -252,12 +245,12 @@ DAMAGE = {  # name: (damage, the file the error line must name)
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_resume_from_a_damaged_file_is_one_line(capsys, data, run, damage):
+def test_resume_from_a_damaged_file_is_one_line(capsys, char_dataset, run, damage):
     ckpt = run / "ckpt" / NEWEST
     change, named = DAMAGE[damage]
     change(ckpt)
     before = snapshot(run / "ckpt")
-    code, err = train_main(capsys, data, run, "train.max_steps=6", "--resume")
+    code, err = train_main(capsys, char_dataset, run, "train.max_steps=6", "--resume")
     assert_one_line_error(code, err, named)
     assert snapshot(run / "ckpt") == before
 
@@ -314,7 +307,7 @@ def save_step(run: Path, step: int):
     model, optimizer = _model_and_optimizer(ckpt)
     cfg = checkpoint.load_config(ckpt)
     info = {k: v for k, v in checkpoint.load_info(ckpt).items() if k not in ("step", "files")}
-    return checkpoint.save(run, step, model, optimizer, info, cfg, ckpt / "chars.json", keep_last=2)
+    return checkpoint_save.save(run, step, model, optimizer, info, cfg, ckpt / "chars.json", keep_last=2)
 
 
 class _FullDisk:
@@ -427,19 +420,19 @@ def test_old_checkpoints_without_a_file_record_still_load(run):
     assert [p.name for p in checkpoint.checkpoints(run)] == [OLDER]
 
 
-def test_a_damaged_newest_checkpoint_is_refused_by_resume_and_sample(cli, capsys, data, run):
+def test_a_damaged_newest_checkpoint_is_refused_by_resume_and_sample(cli, capsys, char_dataset, run):
     INCOMPLETE["shards and metadata gone"](run / "ckpt" / NEWEST)  # checkpoint.json alone: a killed prune
     before = snapshot(run / "ckpt")
-    r = cli("train.py", CONFIG, *overrides(data, run, "train.max_steps=6"), "--resume")
+    r = cli("train.py", CONFIG, *overrides(char_dataset, run, "train.max_steps=6"), "--resume")
     assert_one_line_error(r.returncode, r.stderr, NEWEST, OLDER, "--resume-from-last-good")
     code = sample.main([str(run), "--max-new-tokens", "3"])
     assert_one_line_error(code, capsys.readouterr().err, NEWEST, OLDER)
     assert snapshot(run / "ckpt") == before
 
 
-def test_resume_from_last_good_says_what_it_skipped_and_saves_whole(capsys, data, run):
+def test_resume_from_last_good_says_what_it_skipped_and_saves_whole(capsys, char_dataset, run):
     INCOMPLETE["shards and metadata gone"](run / "ckpt" / NEWEST)
-    code = train.main([CONFIG, *overrides(data, run, "train.max_steps=6"), "--resume-from-last-good"])
+    code = train.main([CONFIG, *overrides(char_dataset, run, "train.max_steps=6"), "--resume-from-last-good"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert NEWEST in out.out + out.err and OLDER in out.out + out.err  # which was skipped, which resumed

@@ -1,4 +1,4 @@
-"""Sequence classification (train.task = "classify", lm/classify.py): the head on padded batches, class
+"""Sequence classification (train.task = "classify", lm/model/classifier.py, lm/objectives/classification.py): the head on padded batches, class
 weights, oversampling, metrics and the best checkpoint, early stopping, resume, init from our runs and HF
 directories, layer-wise lr decay, the CLI, two processes, and the bench's smoke run."""
 import json
@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import DataError, prepare
-from lm import checkpoint
-from lm.classify import BEST_DIR, LABELS_FILE, attach_head, main as classify_main
+from lm.training import checkpoint
+from lm.classify import main as classify_main
+from lm.model.classifier import BEST_DIR, LABELS_FILE, attach_head
 from lm.objectives.classification import classification_metrics
-from lm.classify_data import ExampleSampler, apportion, pad
-from lm.config import ConfigError, load_config
-from lm.model import GPT
-from lm.optim import build_optimizer
-from lm.trainer import Trainer
+from lm.objectives.classification_data import ExampleSampler, apportion, pad
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.model.gpt import GPT
+from lm.training.optim import build_optimizer
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "model.activation=gelu_tanh",
@@ -208,7 +210,7 @@ def test_layer_decay_scales_each_layers_lr(setup, tmp_path):
 
 
 def test_init_from_a_hugging_face_directory(setup, tmp_path):
-    from lm.export import export_hf, load
+    from lm.interop.export import export_hf, load
 
     ckpt, model = load(setup / "lm")
     (tmp_path / "hf").mkdir()

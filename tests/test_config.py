@@ -1,6 +1,7 @@
 import pytest
 
-from lm.config import Config, ConfigError, config_from_toml_text, load_config, to_toml
+from lm.config.load import config_from_toml_text, load_config, to_toml
+from lm.config.schema import Config, ConfigError
 
 
 def write(tmp_path, text):

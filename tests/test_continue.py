@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from data_prep import DataError, prepare
-from lm import checkpoint
-from lm.config import ConfigError, load_config
-from lm.ewc import fisher_array
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.training.ewc import fisher_array
+from lm.training.trainer import Trainer
+from tests import conftest
 from tests.conftest import ROOT
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
-        "train.eval_sequences=8", "log.progress=false", "log.interval=1", "train.device=cpu", "train.dtype=float32",
-        "optim.warmup_steps=2", "model.dropout=0.1"]
+TINY = [*conftest.TINY, "optim.warmup_steps=2", "model.dropout=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def cont(domains, pretrained, out, *extra):
 
 
 def weights(ckpt) -> dict:
-    from lm.model import GPT
+    from lm.model.gpt import GPT
 
     model = GPT(checkpoint.load_config(ckpt).model)
     checkpoint.load_model(ckpt, model)

@@ -273,11 +273,11 @@ def test_training_refuses_out_of_vocabulary_ids(cli, char_data, tmp_path):
 
 def test_one_splitmix64_with_unchanged_outputs():
     import data_prep.dedup
-    import lm.data
+    import lm.data.batches
     from data_prep.hashing import mix64, splitmix64
-    assert lm.data.splitmix64 is splitmix64 and data_prep.dedup.mix64 is mix64
+    assert lm.data.batches.splitmix64 is splitmix64 and data_prep.dedup.mix64 is mix64
     x = np.array([0, 1, 2, 12345, 2**63, 2**64 - 1], dtype=np.uint64)
-    # values of the two former copies (lm/data.py's splitmix64, data_prep/dedup.py's finalizer)
+    # values of the two former copies (lm/data/batches.py's splitmix64, data_prep/dedup.py's finalizer)
     assert splitmix64(x).tolist() == [16294208416658607535, 10451216379200822465, 10905525725756348110,
                                       2454886589211414944, 5196802822362493915, 16490336266968443936]
     assert mix64(x).tolist() == [0, 6238072747940578789, 15839785061582574730, 17540659726606785873,
@@ -288,6 +288,6 @@ def test_one_splitmix64_with_unchanged_outputs():
 
     class Reader:
         num_tokens = 1000
-    assert lm.data.SampleStream(Reader(), 32, 1337, "x").starts(0, 8).tolist() == [706, 422, 708, 790, 353, 640,
+    assert lm.data.batches.SampleStream(Reader(), 32, 1337, "x").starts(0, 8).tolist() == [706, 422, 708, 790, 353, 640,
                                                                                      113, 428]
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import DataError, prepare
-from lm.config import load_config
-from lm.distill import distillation_loss
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.objectives.teacher import distillation_loss
+from lm.training.trainer import Trainer
 from tests.test_distributed import BASE, losses, train
 
 TEACHER = ["model.n_layer=2", "model.n_head=2", "model.n_embd=48"]
@@ -84,7 +84,7 @@ def test_a_hugging_face_teacher_with_our_tokenizer_teaches(cli, teacher, tmp_pat
     assert r.returncode == 0, r.stderr
     trainer = Trainer(student(teacher, tmp_path / "s", f"distill.teacher=hf:{tmp_path / 'hf'}", "train.max_steps=1"))
     x = torch.randint(0, trainer.cfg.model.vocab_size, (1, 16))
-    from lm.export import load
+    from lm.interop.export import load
 
     _, ours = load(teacher / "teacher")
     with torch.no_grad():  # the HF directory's weights arrived as the teacher

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.config import OptimConfig, load_config
-from lm.optim import LRSchedule
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.config.schema import OptimConfig
+from lm.training.optim import LRSchedule
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT
 
 BASE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",

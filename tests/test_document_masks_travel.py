@@ -2,9 +2,10 @@
 generation, evaluation and every loader compute what training computed."""
 import torch
 
-from lm.config import ModelConfig, load_config, to_toml
-from lm.generate import generate
-from lm.model import GPT
+from lm.config.load import load_config, to_toml
+from lm.config.schema import ModelConfig
+from lm.model.generate import generate
+from lm.model.gpt import GPT
 
 EOS = 3
 
@@ -46,8 +47,8 @@ def test_a_training_run_records_the_mask_in_its_config():
 def test_init_from_gives_the_shape_and_names_every_difference_at_once(tmp_path):
     import pytest
 
-    from lm.config import ConfigError
-    from lm.initialize import adopt_shape
+    from lm.config.schema import ConfigError
+    from lm.training.initialize import adopt_shape
 
     run = tmp_path / "run"
     ckpt = run / "ckpt" / "step_00000001"

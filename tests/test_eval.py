@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from data_prep import load_tokenizer, prepare
-from lm.config import ConfigError, load_config
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
 from lm.eval import scoring
 from lm.eval.__main__ import main as eval_main
 from lm.eval.spec import parse_task
 from lm.eval.tasks import ChoiceTask, PerplexityTask, argmax, run_task
-from lm.export import load
-from lm.generate import generate
-from lm.trainer import Trainer
+from lm.interop.export import load
+from lm.model.generate import generate
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT, assert_user_error
 
 BLOCK = 32

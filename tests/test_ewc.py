@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data_prep import TokenReader, prepare
-from lm.config import ModelConfig
-from lm.data import SampleStream
-from lm.ewc import _sample_labels, estimate_fisher, fisher_array
-from lm.model import GPT
+from lm.config.schema import ModelConfig
+from lm.data.batches import SampleStream
+from lm.training.ewc import _sample_labels, estimate_fisher, fisher_array
+from lm.model.gpt import GPT
 from tests.conftest import ROOT
 
 

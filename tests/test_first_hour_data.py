@@ -10,8 +10,9 @@ from data_prep import DataError, prepare, read_meta
 from data_prep.cleaning import Cleaner, CleanConfig
 from data_prep.plan import DocumentPlan, Planner
 from data_prep.sources import Document
-from lm.config import DataConfig, load_config
-from lm.data import download_path, ensure_prepared
+from lm.config.load import load_config
+from lm.config.schema import DataConfig
+from lm.data.batches import download_path, ensure_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = "https://example.org/corpora/input.txt"

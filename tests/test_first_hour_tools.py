@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from data_prep import load_tokenizer, prepare
-from lm.config import ModelConfig, load_config
-from lm.generate import generate
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig
+from lm.model.generate import generate
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
 from tests.conftest import run_cli
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network
@@ -224,7 +225,7 @@ def test_plot_of_a_plain_run_draws_one_val_series(tmp_path, cli):
 # ---------------------------------------------------------------- token healing (the quickstart's "def ")
 
 def test_heal_prompt_backs_up_a_token_that_longer_tokens_start_with():
-    from lm.generate import heal_prompt
+    from lm.model.generate import heal_prompt
 
     texts = ["def", " ", " foo", " bar", "x", "  "]
     assert heal_prompt([0, 1], texts) == ([0], [1, 2, 3, 5], " ")

@@ -8,20 +8,13 @@ import sys
 import pytest
 
 from data_prep import prepare
-from lm.config import load_config
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
         "log.progress=false", "log.interval=1", "train.device=cpu", "train.dtype=float32"]
 CONFIG = ROOT / "configs" / "shakespeare_char.toml"
-
-
-@pytest.fixture(scope="module")
-def data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("first_hour") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
 
 
 def train(*args, nproc=0):
@@ -37,9 +30,9 @@ def records(run_dir):
 
 # ---- the command line -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_flags_may_come_anywhere_among_the_overrides(data, tmp_path):
+def test_flags_may_come_anywhere_among_the_overrides(char_dataset, tmp_path):
     out = tmp_path / "run"
-    r = train(f"data.dir={data}", f"train.out_dir={out}", "--resume", "train.max_steps=1", "train.eval_interval=1",
+    r = train(f"data.dir={char_dataset}", f"train.out_dir={out}", "--resume", "train.max_steps=1", "train.eval_interval=1",
               "train.batch_size=2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [x["step"] for x in records(out) if "loss" in x] == [1]
@@ -62,8 +55,8 @@ def test_a_bad_override_value_names_the_override_not_the_file(tmp_path):
 
 # ---- resuming on another number of ranks keeps the global batch ---------------------------------------
 @pytest.mark.slow
-def test_resume_on_fewer_ranks_keeps_the_global_batch_and_says_so(data, tmp_path):
-    common = [f"data.dir={data}", "train.batch_size=2", "train.eval_interval=2", "optim.warmup_steps=0",
+def test_resume_on_fewer_ranks_keeps_the_global_batch_and_says_so(char_dataset, tmp_path):
+    common = [f"data.dir={char_dataset}", "train.batch_size=2", "train.eval_interval=2", "optim.warmup_steps=0",
               "optim.schedule=constant"]
     r = train(*common, f"train.out_dir={tmp_path / 'two'}", "train.max_steps=2", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -83,8 +76,8 @@ def test_resume_on_fewer_ranks_keeps_the_global_batch_and_says_so(data, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_that_cannot_keep_the_global_batch_is_refused_with_the_numbers(data, tmp_path):
-    common = [f"data.dir={data}", "train.batch_size=3", "train.eval_interval=1", f"train.out_dir={tmp_path / 'r'}"]
+def test_resume_that_cannot_keep_the_global_batch_is_refused_with_the_numbers(char_dataset, tmp_path):
+    common = [f"data.dir={char_dataset}", "train.batch_size=3", "train.eval_interval=1", f"train.out_dir={tmp_path / 'r'}"]
     assert train(*common, "train.max_steps=1").returncode == 0
     r = train(*common, "train.max_steps=2", "--resume", nproc=2)
     assert r.returncode != 0
@@ -93,14 +86,14 @@ def test_resume_that_cannot_keep_the_global_batch_is_refused_with_the_numbers(da
 
 
 # ---- continued pretraining as a user runs it -------------------------------------------------------------
-def test_a_plain_continuation_tracks_the_old_domain_by_default(data, tiny_corpus, tmp_path):
+def test_a_plain_continuation_tracks_the_old_domain_by_default(char_dataset, tiny_corpus, tmp_path):
     (tmp_path / "b_text").mkdir()
     for f in sorted(tiny_corpus.iterdir()):
         (tmp_path / "b_text" / f.name).write_text(" ".join(w[::-1] for w in f.read_text().split()) + "\n")
     new = tmp_path / "B"
-    prepare([str(tmp_path / "b_text")], new, tokenizer_dir=data, show_progress=False)
+    prepare([str(tmp_path / "b_text")], new, tokenizer_dir=char_dataset, show_progress=False)
     old_run = tmp_path / "old"
-    Trainer(load_config(CONFIG, [*TINY, f"data.dir={data}", f"train.out_dir={old_run}", "train.batch_size=4",
+    Trainer(load_config(CONFIG, [*TINY, f"data.dir={char_dataset}", f"train.out_dir={old_run}", "train.batch_size=4",
                                  "train.max_steps=2", "train.eval_interval=2"])).run()
     cont = Trainer(load_config(CONFIG, [*TINY, f"data.dir={new}", f"train.out_dir={tmp_path / 'cont'}",
                                         f"init.from={old_run}", "train.batch_size=4", "train.max_steps=2",
@@ -114,10 +107,10 @@ def test_a_plain_continuation_tracks_the_old_domain_by_default(data, tiny_corpus
     assert first["val/replay_loss"] == pytest.approx(old_last, rel=1e-6)
 
 
-def test_validation_text_does_not_depend_on_the_training_seed(data, tmp_path):
+def test_validation_text_does_not_depend_on_the_training_seed(char_dataset, tmp_path):
     losses = {}
     for seed in (1, 2):
-        trainer = Trainer(load_config(CONFIG, [*TINY, f"data.dir={data}", f"train.out_dir={tmp_path / str(seed)}",
+        trainer = Trainer(load_config(CONFIG, [*TINY, f"data.dir={char_dataset}", f"train.out_dir={tmp_path / str(seed)}",
                                                "train.batch_size=4", f"train.seed={seed}"]))
         sets = trainer.evaluator.sets
         losses[seed] = sets[0].stream.starts(0, 8).tolist()

@@ -1,4 +1,4 @@
-"""Growing a trained model (lm/grow.py): the grown model computes the same logits (depth, width, both;
+"""Growing a trained model (lm/grow/): the grown model computes the same logits (depth, width, both;
 GPT-2 and Llama-style blocks, GQA, shared layers), every new weight learns, the grown run trains under
 2-process FSDP like in one process, and the refusals are one line."""
 import json
@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.config import ConfigError, ModelConfig, load_config
-from lm.export import load
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.config.schema import ConfigError, ModelConfig
+from lm.interop.export import load
 from lm.grow import GrowSpec, block_sources, grow_model, grown_config
 from lm.grow.run import main
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
+from tests import conftest
 from tests.conftest import ROOT, assert_user_error, run_cli
 
 BLOCKS = {
@@ -177,9 +179,7 @@ def test_grouped_heads_must_divide_and_shared_layers_must_fit():
 
 
 # ---- the command line: a trained run in, a run directory out ----------------------------------------
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
-        "train.eval_sequences=8", "log.progress=false", "log.interval=1", "train.device=cpu",
-        "train.dtype=float32", "optim.warmup_steps=2", "optim.schedule=constant", "model.bias=true"]
+TINY = [*conftest.TINY, "optim.warmup_steps=2", "optim.schedule=constant", "model.bias=true"]
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.config import load_config
-from lm.export import load
-from lm.generate import generate
-from lm.hf import to_hf_state
-from lm.quantize import quantize_int8
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.interop.export import load
+from lm.model.generate import generate
+from lm.interop.hf import to_hf_state
+from lm.compress.quantize import quantize_int8
+from lm.training.trainer import Trainer
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network
 import transformers  # noqa: E402  (the dev extra)

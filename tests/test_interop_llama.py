@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, ModelConfig, load_config
-from lm.export import load
-from lm.generate import generate
-from lm.hf import hf_config, read_hf_config
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.training.checkpoint import CheckpointError
+from lm.config.load import load_config
+from lm.config.schema import ConfigError, ModelConfig
+from lm.interop.export import load
+from lm.model.generate import generate
+from lm.interop.hf import hf_config, read_hf_config
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
 from tests.conftest import assert_user_error
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network

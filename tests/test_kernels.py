@@ -19,8 +19,8 @@ import lm.kernels._triton as triton_util  # noqa: E402
 from lm.kernels import flash_attention as fa  # noqa: E402
 from lm.kernels.flash_attention import dropout_keep_mask, flash_attention  # noqa: E402
 from lm.kernels.layer_norm import TritonLayerNorm, layer_norm  # noqa: E402
-from lm.config import load_config  # noqa: E402
-from lm.model import GPT  # noqa: E402
+from lm.config.load import load_config  # noqa: E402
+from lm.model.gpt import GPT  # noqa: E402
 
 
 def test_interpreter_is_active():

@@ -327,8 +327,8 @@ def test_llama_blocks_with_document_mask_run_our_kernels_like_pytorch():
     gradients of the PyTorch paths, with the same weights."""
     import dataclasses
 
-    from lm.config import ModelConfig
-    from lm.model import GPT
+    from lm.config.schema import ModelConfig
+    from lm.model.gpt import GPT
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, block_size=48, n_layer=1, n_head=4, n_embd=64, norm="rmsnorm",

@@ -8,31 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import TokenReader, prepare
-from lm.config import load_config
-from lm.data import Prefetcher, SampleStream
-from lm.trainer import Trainer
+from data_prep import TokenReader
+from lm.config.load import load_config
+from lm.data.batches import Prefetcher, SampleStream
+from lm.training.trainer import Trainer
+from tests import conftest
 from tests.conftest import ROOT
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
-        "log.progress=false", "log.interval=1", "train.device=cpu", "train.dtype=float32", "model.dropout=0.0"]
+TINY = [*conftest.TINY, "model.dropout=0.0"]
 
 
-@pytest.fixture(scope="module")
-def data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lean") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
-
-
-def config(data, out, *extra):
+def config(char_dataset, out, *extra):
     return load_config(ROOT / "configs" / "shakespeare_char.toml",
-                       [*TINY, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", *extra])
+                       [*TINY, f"data.dir={char_dataset}", f"train.out_dir={out}", "train.batch_size=4", *extra])
 
 
 @pytest.mark.parametrize("background", [True, None], ids=["thread", "cpu default: on the spot"])
-def test_prefetched_batches_equal_direct_reads_in_order_and_out_of_order(data, background):
-    stream = SampleStream(TokenReader(data, "train"), 32, 7, "train")
+def test_prefetched_batches_equal_direct_reads_in_order_and_out_of_order(char_dataset, background):
+    stream = SampleStream(TokenReader(char_dataset, "train"), 32, 7, "train")
     prefetcher = Prefetcher(stream, 4, torch.device("cpu"), background=background)
     assert (prefetcher.pool is not None) == bool(background)
     try:
@@ -44,8 +37,8 @@ def test_prefetched_batches_equal_direct_reads_in_order_and_out_of_order(data, b
         prefetcher.close()
 
 
-def test_one_device_to_host_sync_per_step(data, tmp_path, monkeypatch):
-    trainer = Trainer(config(data, tmp_path / "sync", "train.max_steps=3", "train.grad_accum=2"))
+def test_one_device_to_host_sync_per_step(char_dataset, tmp_path, monkeypatch):
+    trainer = Trainer(config(char_dataset, tmp_path / "sync", "train.max_steps=3", "train.grad_accum=2"))
     trainer.train_step()  # warm: the first step builds the trainable list
     syncs = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
@@ -65,14 +58,14 @@ def test_one_device_to_host_sync_per_step(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
-def test_compiled_blocks_or_whole_model_give_the_eager_losses(data, tmp_path, monkeypatch, scope):
+def test_compiled_blocks_or_whole_model_give_the_eager_losses(char_dataset, tmp_path, monkeypatch, scope):
     # aot_eager traces with dynamo and AOT autograd like inductor does, without a C++ build per graph
     monkeypatch.setattr(torch.nn.Module, "compile",
                         functools.partialmethod(torch.nn.Module.compile, backend="aot_eager"))
     losses = {}
     for mode in ("none", scope):
         out = tmp_path / mode
-        trainer = Trainer(config(data, out, "train.max_steps=3", "train.eval_interval=3", f"parallel.compile={mode}"))
+        trainer = Trainer(config(char_dataset, out, "train.max_steps=3", "train.eval_interval=3", f"parallel.compile={mode}"))
         if mode == "model":
             assert trainer.model._compiled_call_impl is not None
         trainer.run()
@@ -82,7 +75,7 @@ def test_compiled_blocks_or_whole_model_give_the_eager_losses(data, tmp_path, mo
 
 
 def test_compile_true_in_a_saved_config_means_blocks():
-    from lm.config import config_from_toml_text
+    from lm.config.load import config_from_toml_text
 
     assert config_from_toml_text("[parallel]\ncompile = true\n", "old").parallel.compile == "blocks"
     assert config_from_toml_text("[parallel]\ncompile = false\n", "old").parallel.compile == "none"

@@ -1,4 +1,4 @@
-"""The chunked head + cross-entropy (lm/loss.py, model.loss_chunk) against F.cross_entropy on whole logits:
+"""The chunked head + cross-entropy (lm/model/loss.py, model.loss_chunk) against F.cross_entropy on whole logits:
 values and gradients in fp32, bf16 and under autocast, ignored targets, a chunk that does not divide the
 tokens, the tied head through GPT.forward, FSDP2 over two CPU processes, and the memory it saves."""
 import json
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from lm.config import ModelConfig, load_config
-from lm.loss import linear_cross_entropy
-from lm.model import GPT
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig
+from lm.model.loss import linear_cross_entropy
+from lm.model.gpt import GPT
 
 # fp32: the same arithmetic in another order. bf16: both sides round the logits' matmul and the gradient
 # matmuls to bf16 (8 bits of mantissa), in different places: 1.6e-2 relative (torch's bf16 default) plus
@@ -123,7 +124,7 @@ def test_gpt_forward_with_the_tied_head_gives_the_same_loss_and_gradients():
 
 
 def test_loss_chunk_is_validated():
-    from lm.config import ConfigError
+    from lm.config.schema import ConfigError
 
     assert load_config(None, ["model.loss_chunk=4096"]).model.loss_chunk == 4096
     with pytest.raises(ConfigError, match="model.loss_chunk"):
@@ -132,9 +133,9 @@ def test_loss_chunk_is_validated():
 
 FSDP = """
 import json, sys, torch, torch.distributed as dist
-from lm.config import load_config
-from lm.model import GPT
-from lm.parallel import shard
+from lm.config.load import load_config
+from lm.model.gpt import GPT
+from lm.training.parallel import shard
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 dtype = sys.argv[1]

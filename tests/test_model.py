@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 
-from lm.config import ModelConfig, load_config
-from lm.generate import KVCache, filter_logits, generate
-from lm.model import GPT
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig
+from lm.model.generate import filter_logits, generate
+from lm.model.kv_cache import KVCache
+from lm.model.gpt import GPT
 
 
 def tiny(**kw) -> GPT:

@@ -1,4 +1,4 @@
-"""The optimizers (lm/optim.py): Newton-Schulz, Muon against a plain reference, which parameters Muon takes,
+"""The optimizers (lm/training/optim.py): Newton-Schulz, Muon against a plain reference, which parameters Muon takes,
 weight decay on matrices only, a bit-exact resume for each optimizer, each under 2-process FSDP, config
 errors, and bench/optimizers.py at a tiny budget."""
 import json
@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from lm import checkpoint
-from lm.config import ConfigError, load_config
-from lm.model import GPT
-from lm.optim import NS_COEFFICIENTS, build_optimizer, newton_schulz
-from lm.trainer import Trainer
+from lm.training import checkpoint, checkpoint_files
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.model.gpt import GPT
+from lm.training.optim import NS_COEFFICIENTS, build_optimizer, newton_schulz
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT
 from tests.test_distributed import BASE, data, losses, train  # noqa: F401 (data: the prepared-corpus fixture)
 from tests.test_train import weights
@@ -169,7 +170,7 @@ def test_every_optimizer_resumes_bit_exactly(name, data, tmp_path):
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
     # the state was in the checkpoint, under the parameters' names
     state = {"adamw": "exp_avg_sq", "sgd": "momentum_buffer", "rmsprop": "momentum_buffer", "muon": "momentum_buffer"}
-    keys = checkpoint._read_metadata(checkpoint.resolve(tmp_path / "resumed")).state_dict_metadata
+    keys = checkpoint_files.read_metadata(checkpoint.resolve(tmp_path / "resumed")).state_dict_metadata
     assert f"optim.transformer.h.0.mlp.c_fc.weight.{state[name]}" in keys
 
 
@@ -237,7 +238,7 @@ def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, ato
     w1, w2 = (weights(checkpoint.resolve(tmp_path / run)) for run in ("single", "fsdp"))
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=atol)
-    keys = checkpoint._read_metadata(checkpoint.resolve(tmp_path / "fsdp")).state_dict_metadata
+    keys = checkpoint_files.read_metadata(checkpoint.resolve(tmp_path / "fsdp")).state_dict_metadata
     assert "optim.transformer.h.0.mlp.c_fc.weight.momentum_buffer" in keys
 
 @pytest.mark.parametrize("override, key", [

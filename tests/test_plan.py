@@ -1,4 +1,4 @@
-"""The planner (lm/plan.py) against the real thing: parameter counts of the presets, FSDP2 shard bytes over
+"""The planner (lm/training/plan.py) against the real thing: parameter counts of the presets, FSDP2 shard bytes over
 a fake process group (no memory, no GPUs), sharded initialization, and measured CPU memory."""
 import contextlib
 import json
@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from conftest import ROOT, run_cli
-from lm.config import load_config
-from lm.model import GPT
-from lm.parallel import shard
-from lm.plan import param_shapes, parse_memory, plan, shard_numel
+from lm.config.load import load_config
+from lm.model.gpt import GPT
+from lm.training.parallel import shard
+from lm.training.plan import param_shapes, parse_memory, plan, shard_numel
 
 PRESETS = {"gpt-1.3b": 1_315_276_800, "gpt-6.7b": 6_657_150_976, "gpt-10b": 10_433_769_984,
            "llama-style-1b": 1_235_814_400}  # Llama 3.2 1B's count
@@ -92,9 +92,9 @@ def test_10b_meta_build_sharded_over_64_fake_ranks_is_fast_and_small():
     code = """
 import time, torch, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from lm.config import load_config
-from lm.model import GPT
-from lm.parallel import shard
+from lm.config.load import load_config
+from lm.model.gpt import GPT
+from lm.training.parallel import shard
 cfg = load_config("configs/gpt-10b.toml")
 def peak():  # this process's own peak (ru_maxrss would carry pytest's over from fork and exec)
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -117,9 +117,9 @@ print(time.perf_counter() - t0, (peak() - rss0) * 1024, numel)
 SHARD_INIT = """
 import sys, torch, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from lm.config import load_config
-from lm.model import GPT
-from lm.parallel import shard
+from lm.config.load import load_config
+from lm.model.gpt import GPT
+from lm.training.parallel import shard
 world_size, rank, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg = load_config(None, sys.argv[4:])
 dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
@@ -157,9 +157,9 @@ def test_sharded_init_equals_single_process_init(tmp_path):
 
 MEASURE = """
 import json, sys, torch
-from lm.config import load_config
-from lm.optim import build_optimizer
-from lm.parallel import World, build_model
+from lm.config.load import load_config
+from lm.training.optim import build_optimizer
+from lm.training.parallel import World, build_model
 cfg = load_config(None, sys.argv[1:])
 model = build_model(cfg, World(), torch.device("cpu"))
 optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
@@ -184,7 +184,7 @@ print(json.dumps({"growth": peak}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_chunk", [0, 512])  # whole fp32 logits; the chunked loss (lm/loss.py)
+@pytest.mark.parametrize("loss_chunk", [0, 512])  # whole fp32 logits; the chunked loss (lm/model/loss.py)
 def test_planned_peak_matches_measured_cpu_memory(loss_chunk):
     overrides = ["model.n_layer=4", "model.n_embd=512", "model.n_head=8", "model.block_size=256",
                  "model.vocab_size=2048", "model.bias=false", "train.batch_size=8", "train.dtype=float32",

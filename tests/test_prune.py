@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm.config import ModelConfig, load_config
-from lm.export import load
-from lm.model import GPT
-from lm.prune import MASKS_FILE, Masks, keep_top, magnitude_masks, prune_heads, prune_neurons, prunable
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig
+from lm.interop.export import load
+from lm.model.gpt import GPT
+from lm.compress.prune import MASKS_FILE, Masks, keep_top, magnitude_masks, prune_heads, prune_neurons, prunable
+from lm.training.trainer import Trainer
 from tests.conftest import assert_user_error
 
 TINY = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",

@@ -1,4 +1,4 @@
-"""Int8 sampling (lm/quantize.py): logits close to fp32's, greedy generation, the tied embedding left intact,
+"""Int8 sampling (lm/compress/quantize.py): logits close to fp32's, greedy generation, the tied embedding left intact,
 the weight-only fallback, and sample.py's --int8 device rule. Speed is bench/generate.py's business."""
 import copy
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lm.quantize
+import lm.compress.quantize
 import sample
-from lm.config import ModelConfig
-from lm.generate import generate
-from lm.model import GPT
-from lm.quantize import Int8Linear, quantize_int8
+from lm.config.schema import ModelConfig
+from lm.model.generate import generate
+from lm.model.gpt import GPT
+from lm.compress.quantize import Int8Linear, quantize_int8
 
 PATTERN = [5, 17, 3, 60, 42, 8, 91, 23, 77, 14, 36, 50]  # a sequence the model learns to continue
 
@@ -74,7 +74,7 @@ def test_int8_greedy_sampling_continues_the_learned_sequence(trained):
 
 
 def test_weight_only_fallback_without_a_quantized_engine(trained, monkeypatch):
-    monkeypatch.setattr(lm.quantize, "dynamic_engine", lambda: None)
+    monkeypatch.setattr(lm.compress.quantize, "dynamic_engine", lambda: None)
     q = quantize_int8(copy.deepcopy(trained))
     assert isinstance(q.lm_head, Int8Linear) and isinstance(q.transformer.h[0].mlp.c_fc, Int8Linear)
     check_close(q, trained)

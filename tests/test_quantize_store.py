@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm.config import load_config
-from lm.export import load
-from lm.quantize import (dequantize_int4_groups, quantize_int4_groups, quantize_int8_rows, quantized_state)
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.interop.export import load
+from lm.compress.quantize import dequantize_int4_groups, quantize_int4_groups, quantize_int8_rows, quantized_state
+from lm.training.trainer import Trainer
 from tests.conftest import assert_user_error
 
 
@@ -68,8 +68,8 @@ def test_quantized_checkpoint_is_smaller_loads_samples_and_stays_close(cli, run,
 
 
 def test_int4_state_is_about_an_eighth_of_fp32_for_matrices():
-    from lm.config import ModelConfig
-    from lm.model import GPT
+    from lm.config.schema import ModelConfig
+    from lm.model.gpt import GPT
 
     model = GPT(ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=256, bias=False))
     matrices = sum(v.numel() for k, v in model.state_dict().items() if v.dim() == 2 and k != "lm_head.weight")

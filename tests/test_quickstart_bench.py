@@ -111,7 +111,7 @@ def test_the_quickstart_corpus_leaves_out_generated_tables_and_keeps_the_code():
     """The first release's corpus included 123 encodings/cp*.py codec tables and pydoc's help text, and the
     quickstart's samples were codec-table lines."""
     from data_prep.sources import list_files
-    from lm.config import load_config
+    from lm.config.load import load_config
 
     data = load_config(ROOT / "configs" / "quickstart.toml", []).data
     files = [f.as_posix() for f in list_files(data.inputs, data.exclude)]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.config import ModelConfig, load_config, to_toml
-from lm.generate import generate
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.training import checkpoint, checkpoint_files
+from lm.config.load import load_config, to_toml
+from lm.config.schema import ModelConfig
+from lm.model.generate import generate
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
 from tests.conftest import assert_user_error, run_main
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
@@ -31,7 +32,7 @@ def runs(tiny_corpus, tmp_path_factory):
         path.write_text(to_toml(cfg))
     # the checkpoint's record of its files must describe the rewritten config, or the checkpoint is damaged
     record = json.loads((ckpt / "checkpoint.json").read_text())
-    record["files"].update(checkpoint._describe(ckpt, ["config.toml"]))
+    record["files"].update(checkpoint_files.describe(ckpt, ["config.toml"]))
     (ckpt / "checkpoint.json").write_text(json.dumps(record))
     return root
 
@@ -81,7 +82,7 @@ def test_generate_refuses_nonsense_settings(setting, value):
 # ---------------------------------------------------------------- Triton-trained runs on a CPU
 
 def test_inference_backends_switch_to_pytorch_only_where_triton_cannot_run(monkeypatch, capsys):
-    from lm.attention import inference_backends
+    from lm.model.attention import inference_backends
 
     triton_cfg = ModelConfig(attention="triton", layernorm="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -97,7 +98,7 @@ def test_inference_backends_switch_to_pytorch_only_where_triton_cannot_run(monke
 
 
 def test_triton_run_loads_on_cpu_with_the_logits_of_the_pytorch_kernels(monkeypatch, runs):
-    from lm.export import load
+    from lm.interop.export import load
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _, ours = load(runs / "triton")

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import DataError
-from lm.config import ModelConfig, load_config
-from lm.model import GPT
-from lm.sft import IGNORE, PackedStream, pack, read_examples, split_targets
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.config.schema import ModelConfig
+from lm.model.gpt import GPT
+from lm.objectives.sft_data import IGNORE, PackedStream, pack, read_examples, split_targets
+from lm.training.trainer import Trainer
 from tests.test_train import char_data, losses, overrides  # noqa: F401  (the fixture)
 
 EOS = 29

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
-from lm.config import ConfigError, ModelConfig, load_config
-from lm.generate import KVCache
-from lm.hf import unrolled
-from lm.model import GPT
-from lm.plan import flops_per_token, param_shapes
+from lm.config.load import load_config
+from lm.config.schema import ConfigError, ModelConfig
+from lm.model.kv_cache import KVCache
+from lm.interop.hf import unrolled
+from lm.model.gpt import GPT
+from lm.training.plan import flops_per_token, param_shapes
 from tests.test_distributed import losses, train
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -96,7 +97,7 @@ def test_fsdp_with_shared_layers_matches_one_process_and_trains_samples_and_expo
     assert json.loads((out / "config.json").read_text())["n_layer"] == 4
     import transformers
 
-    from lm.export import load
+    from lm.interop.export import load
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     _, ours = load(shared_run / "single")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, metric_records, training_overrides
-from lm.checkpoint import CheckpointError
-from lm.config import ConfigError, ModelConfig, load_config
-from lm.model import GPT
+from lm.training.checkpoint import CheckpointError
+from lm.config.load import load_config
+from lm.config.schema import ConfigError, ModelConfig
+from lm.model.gpt import GPT
 
 sys.path.append(str(ROOT / "bench"))  # after the root: bench/data_prep.py must not shadow the package
 
@@ -70,14 +71,14 @@ def test_bad_mlp_is_refused_by_name():
 
 
 def test_hf_export_refuses_relu2():
-    from lm.hf import family
+    from lm.interop.hf import family
 
     with pytest.raises(CheckpointError, match="relu2"):
         family(dataclasses.replace(ModelConfig(**SMALL), mlp="relu2"))
 
 
 def test_stop_and_resume_with_the_new_options_is_bit_identical(char_dataset, tmp_path):
-    from lm.trainer import Trainer
+    from lm.training.trainer import Trainer
 
     extra = ["model.mlp=relu2", "model.zero_init=true", "model.tie_embeddings=false", "optim.name=muon",
              "optim.schedule=wsd", "train.max_steps=6", "train.eval_interval=3"]

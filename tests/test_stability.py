@@ -2,9 +2,9 @@
 rollback keeps the scale the run has learned."""
 import pytest
 
-from lm.config import StabilityConfig
-from lm.stability import GROW_AFTER, Stability
-from lm.trainer import Trainer, TrainingError
+from lm.config.schema import StabilityConfig
+from lm.training.stability import GROW_AFTER, Stability
+from lm.training.trainer import Trainer, TrainingError
 from tests.test_trust_training import config, data, poison  # noqa: F401 (data is a fixture)
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.export import load
+from lm.training import checkpoint
+from lm.interop.export import load
 from tests.test_distributed import train
 
 

@@ -5,23 +5,14 @@ import shutil
 import pytest
 import torch
 
-from data_prep import prepare
-from lm import checkpoint
-from lm.config import load_config
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
+from tests import conftest
 from tests.conftest import ROOT, assert_user_error, run_main
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "train.batch_size=4", "train.eval_sequences=8", "log.progress=false", "log.interval=1",
-        "train.device=cpu", "optim.warmup_steps=3"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
+TINY = [*conftest.TINY, "optim.warmup_steps=3"]
 
 
 def overrides(data_dir, out_dir, *extra):
@@ -39,12 +30,12 @@ def weights(ckpt) -> dict:
     return model.state_dict()
 
 
-def test_stop_and_resume_gives_bit_identical_losses(char_data, tmp_path):
+def test_stop_and_resume_gives_bit_identical_losses(char_dataset, tmp_path):
     extra = ["train.max_steps=12", "train.eval_interval=4", "model.dropout=0.1", "train.grad_accum=2"]
-    Trainer(load_config(None, overrides(char_data, tmp_path / "a", *extra))).run()
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *extra))).run(stop_at_step=6)
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "a", *extra))).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *extra))).run(stop_at_step=6)
     assert max(losses(tmp_path / "b")) == 6
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *extra)), resume=True).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *extra)), resume=True).run()
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert a == b  # exact float equality, step by step
@@ -52,8 +43,8 @@ def test_stop_and_resume_gives_bit_identical_losses(char_data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_saved_checkpoint_reloads_to_identical_logits(char_data, tmp_path):
-    trainer = Trainer(load_config(None, overrides(char_data, tmp_path / "r", "train.max_steps=3")))
+def test_saved_checkpoint_reloads_to_identical_logits(char_dataset, tmp_path):
+    trainer = Trainer(load_config(None, overrides(char_dataset, tmp_path / "r", "train.max_steps=3")))
     trainer.run()
     ckpt = checkpoint.resolve(tmp_path / "r")
     assert ckpt.name == "step_00000003"
@@ -66,8 +57,8 @@ def test_saved_checkpoint_reloads_to_identical_logits(char_data, tmp_path):
     assert (tmp_path / "r" / "config.toml").read_text() == (ckpt / "config.toml").read_text()
 
 
-def test_keep_checkpoints_prunes_the_oldest(char_data, tmp_path):
-    Trainer(load_config(None, overrides(char_data, tmp_path / "k", "train.max_steps=8",
+def test_keep_checkpoints_prunes_the_oldest(char_dataset, tmp_path):
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "k", "train.max_steps=8",
                                         "train.eval_interval=2", "train.keep_checkpoints=2"))).run()
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "k")] == ["step_00000006", "step_00000008"]
 
@@ -82,23 +73,23 @@ def train_main(data_dir, out_dir, *extra):
 
 
 @pytest.mark.slow
-def test_resume_with_another_model_shape_is_refused(cli, char_data, tmp_path):
-    assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
-    r = train_cli(cli, char_data, tmp_path / "r", "train.max_steps=4", "model.n_embd=64", "--resume")
+def test_resume_with_another_model_shape_is_refused(cli, char_dataset, tmp_path):
+    assert train_cli(cli, char_dataset, tmp_path / "r", "train.max_steps=2").returncode == 0
+    r = train_cli(cli, char_dataset, tmp_path / "r", "train.max_steps=4", "model.n_embd=64", "--resume")
     assert_user_error(r, "model.n_embd = 32", "asks for 64")
 
 
 @pytest.mark.slow
-def test_existing_run_is_never_overwritten_without_resume(cli, char_data, tmp_path):
-    assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2").returncode == 0
+def test_existing_run_is_never_overwritten_without_resume(cli, char_dataset, tmp_path):
+    assert train_cli(cli, char_dataset, tmp_path / "r", "train.max_steps=2").returncode == 0
     ckpt = checkpoint.resolve(tmp_path / "r")
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    assert_user_error(train_cli(cli, char_data, tmp_path / "r", "train.max_steps=2"), "--resume")
+    assert_user_error(train_cli(cli, char_dataset, tmp_path / "r", "train.max_steps=2"), "--resume")
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
 
-def test_vocab_smaller_than_the_tokenizer_is_refused(char_data, tmp_path):
-    assert_user_error(train_main(char_data, tmp_path / "r", "model.vocab_size=5"),
+def test_vocab_smaller_than_the_tokenizer_is_refused(char_dataset, tmp_path):
+    assert_user_error(train_main(char_dataset, tmp_path / "r", "model.vocab_size=5"),
                       "model.vocab_size = 5", "meta.json")
 
 
@@ -115,17 +106,17 @@ def test_empty_corpus_is_refused(tmp_path):
     assert_user_error(r, "empty")
 
 
-def test_shard_disagreeing_with_its_meta_is_refused(char_data, tmp_path):
+def test_shard_disagreeing_with_its_meta_is_refused(char_dataset, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(char_data, broken)
+    shutil.copytree(char_dataset, broken)
     shard = broken / "train_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-6])
     assert_user_error(train_main(broken, tmp_path / "r"), str(shard))
 
 
 @pytest.mark.slow
-def test_sample_cli_is_reproducible_with_a_seed(cli, char_data, tmp_path):
-    assert train_cli(cli, char_data, tmp_path / "r", "train.max_steps=3").returncode == 0
+def test_sample_cli_is_reproducible_with_a_seed(cli, char_dataset, tmp_path):
+    assert train_cli(cli, char_dataset, tmp_path / "r", "train.max_steps=3").returncode == 0
     args = ["sample.py", tmp_path / "r", "--prompt", "the ", "--max-new-tokens", "40", "--num-samples", "2"]
     first, second = cli(*args, "--seed", "3"), cli(*args, "--seed", "3")
     other = cli(*args, "--seed", "4")

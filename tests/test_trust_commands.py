@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from data_prep import DataError
-from lm import checkpoint
+from lm.training import checkpoint
 from lm.objectives.classification import PER_CLASS_LIMIT, classification_metrics, prediction_metrics
-from lm.config import ConfigError, load_config
-from lm.sft import fit, pack, prepare_sft, read_examples
-from lm.trainer import Trainer
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.objectives.sft_data import fit, pack, prepare_sft, read_examples
+from lm.training.trainer import Trainer
 from tests.conftest import ROOT, assert_user_error, run_cli
 from tests.test_train import char_data, overrides  # noqa: F401  (the fixture)
 from train import done_line
@@ -34,7 +35,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(char_data, tmp_path)
 
 
 def test_metrics_that_cannot_be_written_mid_run_warn_once_and_the_run_goes_on(char_data, tmp_path, monkeypatch):  # noqa: F811
-    import lm.metrics
+    import lm.training.metrics
 
     trainer = Trainer(load_config(None, overrides(char_data, tmp_path / "r", "train.max_steps=4")))
     real_open, calls = open, []
@@ -45,7 +46,7 @@ def test_metrics_that_cannot_be_written_mid_run_warn_once_and_the_run_goes_on(ch
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(lm.metrics, "open", read_only, raising=False)
+    monkeypatch.setattr(lm.training.metrics, "open", read_only, raising=False)
     result = trainer.run()
     trainer.close()
     assert result["step"] == 4 and len(calls) == 1  # tried once, then left alone

@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data_prep import DataError, prepare
-from lm import checkpoint
-from lm.config import Config, ModelConfig, load_config
-from lm.model import GPT
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.config.schema import Config, ModelConfig
+from lm.model.gpt import GPT
+from lm.training.trainer import Trainer
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
         "train.eval_sequences=4", "log.progress=false", "train.device=cpu", "optim.warmup_steps=0",
@@ -129,7 +130,7 @@ def test_a_pickle_or_truncated_file_in_a_quantized_directory_is_one_line(quantiz
 
 
 def test_int4_scales_of_zero_or_tiny_groups_stay_positive_and_finite():
-    from lm.quantize import dequantize_int4_groups, quantize_int4_groups
+    from lm.compress.quantize import dequantize_int4_groups, quantize_int4_groups
 
     w = torch.zeros(3, 8)
     w[1] = 1e-7  # below fp16's smallest normal / 7: rounded to a zero scale before
@@ -142,7 +143,7 @@ def test_int4_scales_of_zero_or_tiny_groups_stay_positive_and_finite():
 
 
 def test_int4_refuses_weights_beyond_fp16_scales_in_one_line(run, tmp_path, capsys, monkeypatch):
-    from lm.quantize import quantized_state
+    from lm.compress.quantize import quantized_state
 
     model = GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8))
     with torch.no_grad():
@@ -232,7 +233,7 @@ def test_an_existing_output_is_never_overwritten(run, tmp_path, capsys, command)
 
 
 def test_outputs_are_complete_and_load(run, tmp_path, capsys):
-    from lm.export import load
+    from lm.interop.export import load
 
     for command, (main, argv) in COMMANDS.items():
         out = tmp_path / command
@@ -271,7 +272,7 @@ def test_export_hf_of_a_document_masked_run_is_refused(run, tmp_path, capsys):
 # ---- HF directories: init.from = "hf:DIR" and a distillation teacher ----------------------------------------
 def hf_dir(tmp_path, cfg: ModelConfig, name="hf", seed=0):
     """A HF directory of a random model of ours with shape `cfg` (config.json and model.safetensors)."""
-    from lm.hf import hf_config, to_hf_state
+    from lm.interop.hf import hf_config, to_hf_state
 
     out = tmp_path / name
     out.mkdir()
@@ -286,8 +287,8 @@ GPT2 = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=8)
 
 def load_hf(directory, cfg: ModelConfig):
     """init.from = "hf:DIR"'s path, as the trainer takes it; and the teacher's config reader."""
-    from lm.distill import teacher_model_config
-    from lm.initialize import load_initial_weights
+    from lm.objectives.teacher import teacher_model_config
+    from lm.training.initialize import load_initial_weights
 
     teacher_model_config(f"hf:{directory}")
     model = GPT(cfg)
@@ -371,7 +372,7 @@ LLAMA3 = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_la
 def test_a_llama3_layout_imports_from_transformers_with_equal_logits_and_exports_back(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lm.hf import hf_config, read_hf_config, to_hf_state
+    from lm.interop.hf import hf_config, read_hf_config, to_hf_state
 
     torch.manual_seed(0)
     theirs = LlamaForCausalLM(LlamaConfig(**LLAMA3)).eval()
@@ -400,7 +401,7 @@ def test_a_llama3_layout_imports_from_transformers_with_equal_logits_and_exports
 def test_a_sharded_llama3_directory_imports_and_a_bad_index_is_one_line(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lm.hf import read_hf_config
+    from lm.interop.hf import read_hf_config
 
     torch.manual_seed(0)
     theirs = LlamaForCausalLM(LlamaConfig(**LLAMA3)).eval()
@@ -423,7 +424,7 @@ def test_a_sharded_llama3_directory_imports_and_a_bad_index_is_one_line(tmp_path
 
 
 def test_untied_embeddings_and_norm_eps_survive_our_own_checkpoints_and_exports(run, tmp_path, capsys):
-    from lm.export import load
+    from lm.interop.export import load
 
     common = [*TINY, f"data.dir={run / 'data'}", "model.tie_embeddings=false", "model.norm_eps=1e-6"]
     Trainer(load_config(None, [*common, f"train.out_dir={tmp_path / 'untied'}"])).run()
@@ -581,7 +582,7 @@ def test_harness_model_args_are_checked_in_one_line(run, args, fragment):
 
 
 def test_a_damaged_teacher_tokenizer_is_one_line(tmp_path):
-    from lm.distill import check_same_tokenizer
+    from lm.objectives.teacher import check_same_tokenizer
 
     directory, _ = hf_dir(tmp_path, GPT2)
     (directory / "tokenizer.json").write_text("{not json")

@@ -10,28 +10,20 @@ import sys
 import time
 
 import pytest
-import torch
 
 from data_prep import prepare
-from lm import checkpoint
-from lm.config import ConfigError, load_config
-from lm.trainer import Trainer
+from lm.training import checkpoint
+from lm.config.load import load_config
+from lm.config.schema import ConfigError
+from lm.training.trainer import Trainer
+from tests import conftest
 from tests.conftest import ROOT
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
-        "log.progress=false", "log.interval=1", "train.device=cpu", "optim.schedule=constant",
-        "optim.warmup_steps=0", "train.dtype=float32"]
+TINY = [*conftest.TINY, "optim.schedule=constant", "optim.warmup_steps=0"]
 
 
-@pytest.fixture(scope="module")
-def data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
-
-
-def config(data, out, *extra):
-    return load_config(ROOT / "configs" / "shakespeare_char.toml", [*TINY, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", *extra])
+def config(char_dataset, out, *extra):
+    return load_config(ROOT / "configs" / "shakespeare_char.toml", [*TINY, f"data.dir={char_dataset}", f"train.out_dir={out}", "train.batch_size=4", *extra])
 
 
 def records(run_dir):
@@ -53,10 +45,10 @@ def poison(trainer, steps: list[int]):
 
 
 # ---- rollbacks --------------------------------------------------------------------------------------
-def test_rollback_across_a_phase_that_unfroze_layers(data, tmp_path):
+def test_rollback_across_a_phase_that_unfroze_layers(char_dataset, tmp_path):
     # block 0 and the embeddings frozen for steps 0-3 (no optimizer state in the step-4 checkpoint), trained
     # from step 4 (state made), then two NaN steps roll back to step 4: the state made since must go
-    trainer = Trainer(config(data, tmp_path / "r", "train.max_steps=8", "train.eval_interval=100",
+    trainer = Trainer(config(char_dataset, tmp_path / "r", "train.max_steps=8", "train.eval_interval=100",
                              "train.checkpoint_interval=4", 'continual.freeze=["0:1", "4:0"]',
                              "stability.rollback_after=2"))
     poison(trainer, [5, 6])
@@ -64,8 +56,8 @@ def test_rollback_across_a_phase_that_unfroze_layers(data, tmp_path):
     assert trainer.stability.rollbacks == 1 and result["step"] == 8 and result["skipped"] == 2
 
 
-def test_rollback_lr_factor_compounds(data, tmp_path):
-    trainer = Trainer(config(data, tmp_path / "c", "train.max_steps=6", "train.eval_interval=2",
+def test_rollback_lr_factor_compounds(char_dataset, tmp_path):
+    trainer = Trainer(config(char_dataset, tmp_path / "c", "train.max_steps=6", "train.eval_interval=2",
                              "stability.rollback_after=1", "stability.rollback_lr_factor=0.5"))
     poison(trainer, [3, 3])  # two rollbacks to the step-2 checkpoint
     trainer.run()
@@ -73,33 +65,33 @@ def test_rollback_lr_factor_compounds(data, tmp_path):
 
 
 # ---- metrics bookkeeping ----------------------------------------------------------------------------
-def test_a_torn_last_metrics_line_does_not_break_resume(data, tmp_path):
+def test_a_torn_last_metrics_line_does_not_break_resume(char_dataset, tmp_path):
     out = tmp_path / "torn"
-    Trainer(config(data, out, "train.max_steps=4", "train.eval_interval=2")).run(stop_at_step=2)
+    Trainer(config(char_dataset, out, "train.max_steps=4", "train.eval_interval=2")).run(stop_at_step=2)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 2.')  # killed mid-write
-    Trainer(config(data, out, "train.max_steps=4", "train.eval_interval=2"), resume=True).run()
+    Trainer(config(char_dataset, out, "train.max_steps=4", "train.eval_interval=2"), resume=True).run()
     steps = [r["step"] for r in records(out) if "loss" in r]
     assert steps == [1, 2, 3, 4]
 
 
-def test_resume_before_the_first_checkpoint_logs_step_0_once(data, tmp_path):
+def test_resume_before_the_first_checkpoint_logs_step_0_once(char_dataset, tmp_path):
     out = tmp_path / "zero"
-    Trainer(config(data, out, "train.max_steps=2", "train.eval_interval=2")).run()
+    Trainer(config(char_dataset, out, "train.max_steps=2", "train.eval_interval=2")).run()
     for ckpt in checkpoint.checkpoints(out):  # as if killed before its first checkpoint was written
         import shutil
         shutil.rmtree(ckpt)
-    Trainer(config(data, out, "train.max_steps=2", "train.eval_interval=2"), resume=True).run()
+    Trainer(config(char_dataset, out, "train.max_steps=2", "train.eval_interval=2"), resume=True).run()
     vals = [r["step"] for r in records(out) if "val_loss" in r]
     assert vals == [0, 2]
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
 
 
-def test_tokens_per_second_leaves_out_evaluation_and_saving(data, tmp_path, monkeypatch):
+def test_tokens_per_second_leaves_out_evaluation_and_saving(char_dataset, tmp_path, monkeypatch):
     # a fake clock: each training step takes 1 s, each evaluation 100 s
     clock = [0.0]
-    monkeypatch.setattr("lm.trainer.time.perf_counter", lambda: clock[0])
-    trainer = Trainer(config(data, tmp_path / "t", "train.max_steps=4", "train.eval_interval=2",
+    monkeypatch.setattr("lm.training.trainer.time.perf_counter", lambda: clock[0])
+    trainer = Trainer(config(char_dataset, tmp_path / "t", "train.max_steps=4", "train.eval_interval=2",
                              "train.checkpoint_interval=100"))
     step, evaluate = trainer.train_step, trainer.evaluator.evaluate
 
@@ -117,9 +109,9 @@ def test_tokens_per_second_leaves_out_evaluation_and_saving(data, tmp_path, monk
     assert [r["tokens_per_s"] for r in records(tmp_path / "t") if "loss" in r] == [tokens_per_step] * 4
 
 
-def test_eval_iters_names_its_replacement(data, tmp_path):
+def test_eval_iters_names_its_replacement(char_dataset, tmp_path):
     with pytest.raises(ConfigError, match="train.eval_sequences"):
-        config(data, tmp_path, "train.eval_iters=2")
+        config(char_dataset, tmp_path, "train.eval_iters=2")
 
 
 # ---- many ranks ----------------------------------------------------------------------------------------
@@ -134,8 +126,8 @@ def torchrun(*args, nproc=2, timeout=300):
 
 
 @pytest.mark.slow
-def test_validation_is_the_same_sequences_for_any_world_size(data, tmp_path):
-    common = [f"data.dir={data}", "train.max_steps=2", "train.eval_interval=2"]
+def test_validation_is_the_same_sequences_for_any_world_size(char_dataset, tmp_path):
+    common = [f"data.dir={char_dataset}", "train.max_steps=2", "train.eval_interval=2"]
     torchrun(*common, f"train.out_dir={tmp_path / 'one'}", "train.batch_size=4", nproc=0)
     torchrun(*common, f"train.out_dir={tmp_path / 'two'}", "train.batch_size=2", "train.eval_sequences=8")
     # torchrun with one worker takes the FSDP path too (one shard), and matches
@@ -193,12 +185,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_at_random_moments_always_saves_and_never_hangs(data, tmp_path):
+def test_sigterm_to_one_rank_at_random_moments_always_saves_and_never_hangs(char_dataset, tmp_path):
     """Each trial: two workers (launched directly, so each one's exit code is seen) resume the run; once
     they train, one of them gets SIGTERM after a random delay. Both must exit 0 within the timeout and
     leave a newer complete checkpoint."""
     out, rng = tmp_path / "pre", random.Random(0)
-    cmd = [sys.executable, "train.py", "configs/shakespeare_char.toml", *TINY, f"data.dir={data}",
+    cmd = [sys.executable, "train.py", "configs/shakespeare_char.toml", *TINY, f"data.dir={char_dataset}",
            f"train.out_dir={out}", "train.batch_size=2", "train.max_steps=1000000", "train.eval_interval=1000000",
            "--resume"]
     last_step = 0
@@ -237,7 +229,7 @@ def _records_if_any(run_dir):
 
 
 def test_a_config_saved_by_the_first_release_still_loads():
-    from lm.config import config_from_toml_text
+    from lm.config.load import config_from_toml_text
 
     cfg = config_from_toml_text("[train]\nbatch_size = 4\neval_iters = 2\n", "old/config.toml")
     assert cfg.train.eval_sequences == 8

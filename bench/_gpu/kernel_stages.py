@@ -24,7 +24,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 # ---------------------------------------------------------------- env
 
 def env(ctx: Ctx):
-    """Versions, the device, lm.metrics' peak for it, and two measured ceilings: a bf16 matmul and a
+    """Versions, the device, lm.training.metrics' peak for it, and two measured ceilings: a bf16 matmul and a
     device copy (the references for MFU-style and bandwidth figures). Also checks our timer against
     triton.testing.do_bench where a GPU lets do_bench run."""
     import numpy
@@ -51,7 +51,7 @@ def env(ctx: Ctx):
     has_do_bench = hasattr(getattr(triton, "testing", None), "do_bench")
     yield dict(key="triton.testing.do_bench", value="present" if has_do_bench else "missing")
     peak = peak_bf16(dev)
-    yield dict(key="peak bf16 (lm.metrics.PEAK_FLOPS)", value=peak / 1e12 if peak else "no entry", unit="TFLOP/s")
+    yield dict(key="peak bf16 (lm.training.metrics.PEAK_FLOPS)", value=peak / 1e12 if peak else "no entry", unit="TFLOP/s")
 
     n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))

@@ -69,18 +69,18 @@ def gbs(nbytes: float, ms: float) -> float:
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
-    """Model FLOPs per trained token, as lm/trainer.py and lm/plan.py count them: 6·N (N counts the tied
+    """Model FLOPs per trained token, as lm/training/trainer.py and lm/training/plan.py count them: 6·N (N counts the tied
     head once) + 12·L·h·s for attention's QKᵀ and PV, forward and backward."""
     return 6 * n_params + 12 * n_layer * n_embd * block_size
 
 
 def mfu(tokens_per_s: float, fpt: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization against lm.metrics.PEAK_FLOPS (None where the device has no entry)."""
+    """Model FLOPs utilization against lm.training.metrics.PEAK_FLOPS (None where the device has no entry)."""
     return tokens_per_s * fpt / peak if peak else None
 
 
 def peak_bf16(device: torch.device) -> float | None:
-    from lm.metrics import peak_flops
+    from lm.training.metrics import peak_flops
 
     return peak_flops(device, "bfloat16")
 

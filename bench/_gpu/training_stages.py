@@ -43,7 +43,7 @@ def run_logged(ctx: Ctx, cmd: list[str], log: Path) -> subprocess.CompletedProce
 
 def data(ctx: Ctx):
     """Prepare the quickstart data (or the smoke subset) into the scratch directory."""
-    from lm.config import load_config
+    from lm.config.load import load_config
 
     d = load_config(QUICKSTART, []).data
     out = data_dir(ctx)
@@ -105,9 +105,9 @@ def cheap_compile(ctx: Ctx):
 def train_speed(ctx: Ctx, attention: str, layernorm: str, compiled: bool) -> dict:
     """Tokens/s and MFU of full training steps (forward, backward, clip, AdamW) on synthetic tokens;
     bf16 autocast on the GPU, fp32 on the smoke CPU."""
-    from lm.config import load_config
-    from lm.optim import build_optimizer
-    from lm.parallel import World, build_model
+    from lm.config.load import load_config
+    from lm.training.optim import build_optimizer
+    from lm.training.parallel import World, build_model
 
     dev = ctx.device
     cfg = load_config(None, [*e2e_overrides(ctx), f"model.attention={attention}", f"model.layernorm={layernorm}",
@@ -158,7 +158,7 @@ def train_speed(ctx: Ctx, attention: str, layernorm: str, compiled: bool) -> dic
 
 
 def _e2e(ctx: Ctx, variants, compiled: bool):
-    yield dict(note=f"{' '.join(e2e_overrides(ctx))}; MFU = tokens/s x (6N + 12·L·h·s) / lm.metrics peak; "
+    yield dict(note=f"{' '.join(e2e_overrides(ctx))}; MFU = tokens/s x (6N + 12·L·h·s) / lm.training.metrics peak; "
                     f"vs_base = tokens/s over the first row's")
     base = None
     for attention, layernorm in variants:
@@ -204,8 +204,8 @@ def step_records(run_dir: Path) -> list[dict]:
 
 
 def _gpu_key(device: torch.device) -> str:
-    """The lm.metrics.PEAK_FLOPS device name for this GPU (the most specific match), H100 on a CPU."""
-    from lm.metrics import PEAK_FLOPS
+    """The lm.training.metrics.PEAK_FLOPS device name for this GPU (the most specific match), H100 on a CPU."""
+    from lm.training.metrics import PEAK_FLOPS
 
     if device.type != "cuda":
         return "H100"
@@ -217,11 +217,11 @@ def _gpu_key(device: torch.device) -> str:
 def train_1p3b(ctx: Ctx):
     """configs/gpt-1.3b.toml's shape (24 x 2048, 16 heads, block 2048, vocab 50304) for a few steps through
     `torchrun --nproc_per_node=1 train.py`, full activation checkpointing, micro-batch 8, on the quickstart
-    data: tokens/s, MFU and peak memory from its metrics.jsonl beside lm.plan.plan for the same config.
+    data: tokens/s, MFU and peak memory from its metrics.jsonl beside lm.training.plan.plan for the same config.
     Stopped once the last step's record is written (its final evaluation and 16 GB checkpoint are not
     what is measured). Smoke: the same command on the CPU with a 2-layer model."""
-    from lm.config import load_config
-    from lm.plan import plan
+    from lm.config.load import load_config
+    from lm.training.plan import plan
 
     ctx.require_gpu()
     steps = ctx.pick(8, 3)
@@ -257,7 +257,7 @@ def train_1p3b(ctx: Ctx):
     yield dict(source="measured (metrics.jsonl)", params=p.params, micro_batch=cfg.train.batch_size,
                tokens_per_s=tok_s, mfu=statistics.median(mfus) if mfus else None, peak_mem_gb=peak_mem,
                step_s=p.tokens_per_step / tok_s, loss=records[-1]["loss"])
-    yield dict(source=f"planner (lm.plan, {p.gpu}, MFU {p.mfu:.0%})", params=p.params, micro_batch=p.micro_batch,
+    yield dict(source=f"planner (lm.training.plan, {p.gpu}, MFU {p.mfu:.0%})", params=p.params, micro_batch=p.micro_batch,
                tokens_per_s=p.tokens_per_s, mfu=p.mfu, peak_mem_gb=p.mem_total / 1e9, step_s=p.step_time_s)
     yield dict(source="measured / planner", tokens_per_s=ratio(tok_s, p.tokens_per_s),
                mfu=ratio(statistics.median(mfus), p.mfu) if mfus else None,

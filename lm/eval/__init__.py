@@ -7,5 +7,5 @@ lm-evaluation-harness adapter.
     __main__.py  `python -m lm.eval RUN --tasks ...`
     harness.py   lm-evaluation-harness model "lmforge" (`python -m lm.eval.harness --model lmforge ...`)
 
-Training runs chosen tasks at every evaluation (`[eval] tasks`, lm/evaluation.py).
+Training runs chosen tasks at every evaluation (`[eval] tasks`, lm/training/evaluation.py).
 """

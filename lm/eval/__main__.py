@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from data_prep import DataError, load_tokenizer
-from lm import checkpoint
-from lm.config import ConfigError
+from lm.training import checkpoint
+from lm.config.schema import ConfigError
 from lm.eval.spec import parse_tasks, split_task_list
 from lm.files import check_destination, write_file
 from lm.eval.tasks import load_task, run_task
@@ -71,7 +71,7 @@ def evaluate(args) -> dict:
     if not specs:
         raise ValueError("--tasks: no task given")
     device = pick_device(args.device)
-    from lm.export import load  # after the cheap checks: this builds the model
+    from lm.interop.export import load  # after the cheap checks: this builds the model
 
     ckpt, model = load(args.path, device)
     model = model.to(device=device, dtype=getattr(torch, args.dtype))

@@ -10,7 +10,7 @@ for `lm_eval.simple_evaluate(model="lmforge", model_args="run=RUN", ...)`.
 Requests are scored as `python -m lm.eval` scores its tasks (lm/eval/scoring.py): the context after an
 EOS (the document start, as in training), the harness's context/continuation split, left truncation to the
 context length; perplexity windows advance by `stride` (default half the context). generate_until uses
-lm.generate (greedy unless the task samples). Needs `pip install lm-eval`; nothing else in lmforge imports it.
+lm.model.generate (greedy unless the task samples). Needs `pip install lm-eval`; nothing else in lmforge imports it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from data_prep import DataError, load_tokenizer
 from lm.eval.scoring import continuation, default_stride, encode_pair, rolling, score
-from lm.generate import generate
+from lm.model.generate import generate
 
 try:
     from lm_eval.api.model import LM
@@ -47,7 +47,7 @@ class LMForge(LM):
     def __init__(self, run=None, device=None, batch_size=8, max_batch_size=None, stride=0, dtype="float32",
                  max_gen_toks=256, seed=1234):
         super().__init__()
-        from lm.export import load
+        from lm.interop.export import load
 
         if not run:
             raise DataError("lmforge: no run given; pass --model_args run=RUN (a run, checkpoint or exported "
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import lm.eval.harness  # noqa: F401  registers "lmforge" (this file may be running as __main__)
-    from lm.checkpoint import CheckpointError
+    from lm.training.checkpoint import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm.config import ConfigError
+from lm.config.schema import ConfigError
 
 OPTIONS = {"ppl": ("name", "stride"), "mc": ("name", "context", "endings", "label", "delimiter")}
 MC_FIELDS = {"context": "context", "endings": "endings", "label": "label"}  # defaults of the mc field options

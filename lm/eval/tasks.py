@@ -180,7 +180,7 @@ def training_tasks(cfg) -> list:
     if not cfg.eval.tasks:
         return []
     from data_prep import load_tokenizer
-    from lm.config import parse_sources
+    from lm.config.checks import parse_sources
     from lm.eval.spec import parse_tasks
 
     directory = Path(([d for _, _, d in parse_sources(cfg.data.sources)] or [cfg.data.dir])[0])

@@ -20,7 +20,7 @@ function-preserving, the loss jumps (bench/grow.py measures it).
 OUT is a run directory with one checkpoint (step 0, no optimizer state) and the grown config: sample.py,
 lm.eval, lm.export read it, and `init.from = "OUT"` trains on from it (FSDP, replay, EWC, freezing as
 for any run; the optimizer and the LR schedule start afresh). `--plan` prints parameter counts and
-per-GPU memory before and after (lm/plan.py), from a run or from a config file.
+per-GPU memory before and after (lm/training/plan.py), from a run or from a config file.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lm.config import ConfigError, ModelConfig, head_size, mlp_hidden_size
-from lm.model import GPT
+from lm.config.schema import ConfigError, ModelConfig, head_size, mlp_hidden_size
+from lm.model.gpt import GPT
 
 DEPTH_METHODS = ("zero", "stack")
 

@@ -1,5 +1,5 @@
 """`python -m lm.grow RUN OUT ...`: read a run, grow its model (lm/grow/__init__.py says how), write OUT
-atomically; `--plan` prints parameters and per-GPU memory before and after (lm/plan.py), from a run or a
+atomically; `--plan` prints parameters and per-GPU memory before and after (lm/training/plan.py), from a run or a
 config file, writing nothing."""
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from data_prep import DataError, load_tokenizer
-from lm import checkpoint
-from lm.checkpoint import CheckpointError
-from lm.config import Config, ConfigError, ModelConfig, load_config
+from lm.training import checkpoint, checkpoint_save
+from lm.training.checkpoint import CheckpointError
+from lm.config.load import load_config
+from lm.config.schema import Config, ConfigError, ModelConfig
 from lm.files import check_destination, output_dir
 from lm.grow import DEPTH_METHODS, GrowSpec, block_sources, grow_model, grown_config, shape_summary
-from lm.model import GPT
-from lm.prune import MASKS_FILE
+from lm.model.gpt import GPT
+from lm.compress.prune import MASKS_FILE
 
 RECORD = "grow.json"
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden")  # shape_summary's order
@@ -36,7 +37,7 @@ def _source(path: str) -> tuple[Path, Config]:
 
 
 def _load_model(ckpt: Path, cfg: Config) -> GPT:
-    from lm.attention import inference_backends
+    from lm.model.attention import inference_backends
 
     model = GPT(inference_backends(cfg.model, "cpu"))
     checkpoint.load_model(ckpt, model)
@@ -54,7 +55,7 @@ def grown_run_config(cfg: Config, new_model: ModelConfig, out: Path) -> Config:
 def write_grown(out: Path, ckpt: Path, cfg: Config, model: GPT, record: dict, force: bool = False):
     """OUT, built in a temporary sibling and renamed into place when complete (lm.files.output_dir: an
     existing OUT only with force; a full disk leaves nothing)."""
-    from lm.config import to_toml
+    from lm.config.load import to_toml
 
     tokenizer = ckpt / load_tokenizer(ckpt).file_name
     with output_dir(out, force) as tmp:
@@ -62,7 +63,7 @@ def write_grown(out: Path, ckpt: Path, cfg: Config, model: GPT, record: dict, fo
         info = {"samples": 0, "world_size": 1, "skipped_steps": 0, "rollbacks": 0,
                 "loss_scale": cfg.stability.loss_scale, "recent_losses": [], "schedule": {}, "val_loss": None,
                 "params": model.num_params(), "grown_from": str(ckpt)}
-        checkpoint.save(tmp, 0, model, optimizer, info, cfg, tokenizer, keep_last=1)
+        checkpoint_save.save(tmp, 0, model, optimizer, info, cfg, tokenizer, keep_last=1)
         (tmp / "config.toml").write_text(to_toml(cfg))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -110,7 +111,7 @@ PLAN_ROWS = (("parameters", "params", "{:,}"), ("  non-embedding", "non_embeddin
 
 
 def plan_growth(cfg: Config, new_model: ModelConfig, **plan_args) -> tuple:
-    from lm.plan import plan
+    from lm.training.plan import plan
 
     before = plan(cfg, **plan_args)
     after = plan(dataclasses.replace(cfg, model=new_model), **plan_args)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
                     noise_snr_db=args.noise_snr_db, seed=args.seed)
     try:
         if args.plan:
-            from lm.plan import parse_memory
+            from lm.training.plan import parse_memory
 
             cfg = _source_config(args.source)
             new_model = grown_config(cfg.model, spec)

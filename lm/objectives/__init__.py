@@ -1,16 +1,19 @@
-"""Objectives: how a batch becomes a loss. One trainer (lm/trainer.py) runs any of them.
+"""Objectives: how a batch becomes a loss. One trainer (lm/training/trainer.py) runs any of them.
 
   language.py           language modelling on prepared shards (one source or a mixture)
   prompt_completion.py  prompt/completion tuning ([sft]): completion tokens only, packed examples
+    sft_data.py           its JSONL examples, packing, and validation rows
   classification.py     sequence classification (train.task = "classify")
+    classification_data.py  its JSONL examples, labels, padding, class weights and oversampling
   distillation.py       a teacher's softened distribution mixed into another objective's loss
+    teacher.py            loading the teacher (a run of ours or hf:DIR) and the distillation loss
 
 Each declares what it cannot combine with (`excludes`, checked by `check_combinations` with the rules that
 hold for every objective, lm/objectives/base.py): the one place such rules are written.
 """
 from __future__ import annotations
 
-from lm.config import Config
+from lm.config.schema import Config
 from lm.objectives.base import Objective
 
 

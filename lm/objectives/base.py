@@ -3,7 +3,7 @@
 An objective owns how a batch becomes a loss: its training batches (`batches`), what the trainer does to a
 batch before the forward (`inputs`), the loss, its validation (`evaluator`: `evaluate(model, step)` -> a
 metrics record, `summary(record)` -> one console line) and any state it keeps in checkpoints. The trainer
-(lm/trainer.py) owns everything else: the loop, the optimizer, stability, freezing, EWC, pruning masks,
+(lm/training/trainer.py) owns everything else: the loop, the optimizer, stability, freezing, EWC, pruning masks,
 checkpoints and FSDP. The hooks' defaults are language modelling's.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from lm.config import Config, ConfigError
-from lm.data import Prefetcher
-from lm.initialize import load_initial_weights
+from lm.config.schema import Config, ConfigError
+from lm.data.batches import Prefetcher
+from lm.training.initialize import load_initial_weights
 
 
 def _setting(cfg: Config, key: str):
@@ -115,7 +115,7 @@ def documents_masked(cfg: Config) -> bool:
 
 def check_feature_rules(cfg: Config):
     """Rules between features that hold whatever the objective."""
-    from lm.augment import parse_augment
+    from lm.data.augment import parse_augment
 
     kinds = [kind for kind, _ in parse_augment(cfg.data.augment)]
     if "drop" in kinds and documents_masked(cfg):

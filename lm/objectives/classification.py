@@ -1,9 +1,9 @@
 """Sequence classification (train.task = "classify") as an objective: batches of right-padded texts and
-their labels (lm/classify_data.py), the loss F.cross_entropy(weight=class_weights) over each global batch, and
+their labels (lm/objectives/classification_data.py), the loss F.cross_entropy(weight=class_weights) over each global batch, and
 an evaluation of the validation examples (val loss, accuracy, macro-F1, per-class precision/recall/F1 and
 the confusion matrix) that tracks the best value of classify.metric: the best evaluation's checkpoint is
-kept as RUN/best/, and after classify.patience evaluations without a new best the run stops. The head and
-inference are lm/classify.py.
+kept as RUN/best/, and after classify.patience evaluations without a new best the run stops. The head is
+lm/model/classifier.py; inference, lm/classify.py.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from data_prep import load_tokenizer
 from data_prep.fileio import atomic_write_json
-from lm import checkpoint
-from lm.classify import BEST_DIR, LABELS_FILE, class_logits, detached_head
-from lm.classify_data import Batcher, ClassificationData, ExampleSampler, Examples, load_data, pad
-from lm.config import Config, ConfigError
-from lm.evaluation import rank_batches
+from lm.training import checkpoint
+from lm.model.classifier import BEST_DIR, LABELS_FILE, class_logits, detached_head
+from lm.objectives.classification_data import Batcher, ClassificationData, ExampleSampler, Examples, load_data, pad
+from lm.config.schema import Config, ConfigError
+from lm.training.evaluation import rank_batches
 from lm.files import fsync_dir
-from lm.initialize import load_initial_weights
+from lm.training.initialize import load_initial_weights
 from lm.objectives.base import Objective
 
 

@@ -1,11 +1,11 @@
 """Distillation ([distill]) as a part that wraps another objective: the wrapped one's batches, validation
-and state, with its loss mixed with a teacher's softened distribution (lm/distill.py). So a student is
+and state, with its loss mixed with a teacher's softened distribution (lm/objectives/teacher.py). So a student is
 distilled on pretraining shards or on prompt/completion examples alike."""
 from __future__ import annotations
 
 import torch
 
-from lm.distill import distillation_loss, load_teacher
+from lm.objectives.teacher import distillation_loss, load_teacher
 from lm.objectives.base import Objective
 
 

@@ -1,16 +1,17 @@
 """Language modelling: the next token of prepared shards (one source, or a weighted mixture), validated on
-each validation set by loss and bits/byte (lm/evaluation.py)."""
+each validation set by loss and bits/byte (lm/training/evaluation.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from data_prep import TokenReader
-from lm.config import ConfigError, parse_sources
-from lm.data import MixedStream, SampleStream, check_same_tokenizer, ensure_prepared
-from lm.evaluation import Evaluator, validation_sets
-from lm.initialize import old_domain
+from lm.config.checks import parse_sources
+from lm.config.schema import ConfigError
+from lm.data.batches import MixedStream, SampleStream, check_same_tokenizer, ensure_prepared
+from lm.training.evaluation import Evaluator, validation_sets
+from lm.training.initialize import old_domain
 from lm.objectives.base import Objective
-from lm.parallel import barrier
+from lm.training.parallel import barrier
 
 
 class LanguageModeling(Objective):

@@ -1,13 +1,13 @@
 """Prompt/completion tuning ([sft]): the loss on completion tokens only, examples packed and kept apart by
-the document mask; data.dir gives the tokenizer (its shards are not read). The data side is lm/sft.py."""
+the document mask; data.dir gives the tokenizer (its shards are not read). The data side is lm/objectives/sft_data.py."""
 from __future__ import annotations
 
 import torch
 
 from data_prep import load_tokenizer
-from lm.evaluation import Evaluator
+from lm.training.evaluation import Evaluator
 from lm.objectives.language import LanguageModeling
-from lm.sft import IGNORE, prepare_sft, split_targets
+from lm.objectives.sft_data import IGNORE, prepare_sft, split_targets
 
 
 class PromptCompletion(LanguageModeling):

@@ -10,7 +10,7 @@ A text is read as a pretraining document is: after an EOS and closed by one, [EO
 longer than classify.max_length tokens loses its end (the closing EOS stays). A batch is right-padded with
 the EOS id to its longest row, and `lengths` says how many tokens of each row are real: the attention mask
 is `arange(T) < lengths`. Attention itself needs no mask: it is causal, so with the padding on the right no
-real token ever attends to a padded position, and the pooling reads only real positions (lm/classify.py).
+real token ever attends to a padded position, and the pooling reads only real positions (lm/model/classifier.py).
 
 Sample i of training is example `order_e[i mod E]` of epoch e = i // E, each epoch its own seeded order, so
 resume and any number of ranks read the same examples. Plain: an epoch is every example once. Oversampling
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from data_prep import DataError, jsonl_objects
-from lm.config import Config, ConfigError
+from lm.config.schema import Config, ConfigError
 
 VAL_SEED = 0x5EED  # the examples held out when classify.val_file is empty: the same for any train.seed
 

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from data_prep import DataError, TokenReader
-from lm.config import Config, ConfigError, parse_val_sets
-from lm.data import SampleStream
+from lm.config.checks import parse_val_sets
+from lm.config.schema import Config, ConfigError
+from lm.data.batches import SampleStream
 from lm.eval.tasks import run_task, training_tasks
 
 VAL_SEED = 0x5EED  # the windows a validation set is scored on; independent of train.seed

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import DataError, load_tokenizer
-from lm import checkpoint
-from lm.config import Config, ModelConfig
+from lm.training import checkpoint
+from lm.config.schema import Config, ModelConfig
 
 def teacher_model_config(source: str) -> ModelConfig:
     if source.startswith("hf:"):
-        from lm.hf import read_hf_config
+        from lm.interop.hf import read_hf_config
 
         return read_hf_config(Path(source[3:]))
     return checkpoint.load_config(checkpoint.resolve(source)).model
@@ -73,8 +73,8 @@ def check_same_tokenizer(source: str, student_file: Path):
 def load_teacher(cfg: Config, student_tokenizer: Path, world, device: torch.device) -> torch.nn.Module:
     """The teacher for cfg.distill.teacher, built like the student (whole, or FSDP shards under torchrun),
     frozen, in eval mode; bf16 weights on a GPU."""
-    from lm.initialize import load_initial_weights
-    from lm.parallel import build_model
+    from lm.training.initialize import load_initial_weights
+    from lm.training.parallel import build_model
 
     source = cfg.distill.teacher
     check_same_tokenizer(source, student_tokenizer)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F_
 
-from lm.data import SampleStream
+from lm.data.batches import SampleStream
 
 EWC_FILE = "ewc.pt"  # in the run dir: theta* and F, what a resumed run or a later online-EWC run needs
 

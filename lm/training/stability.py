@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from lm.config import StabilityConfig
+from lm.config.schema import StabilityConfig
 
 GROW_AFTER = 1000  # fp16: good steps in a row before a larger loss scale is probed
 MIN_SCALE, MAX_SCALE = 1.0, 2.0 ** 24  # fp16's loss scale stays in this range

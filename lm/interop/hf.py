@@ -1,5 +1,5 @@
 """Our GPT <-> Hugging Face directories, which transformers, lm-eval-harness and vLLM read: GPT-2's block as
-`GPT2LMHeadModel`, Llama's (RMSNorm, RoPE, SwiGLU, any n_kv_head; lm/hf_llama.py) as `LlamaForCausalLM`.
+`GPT2LMHeadModel`, Llama's (RMSNorm, RoPE, SwiGLU, any n_kv_head; lm/interop/hf_llama.py) as `LlamaForCausalLM`.
 For GPT-2 the parameter names already match; HF's `Conv1D` stores matmul weights as (in, out), so those
 are transposed, and HF GPT-2 always has biases, so a bias-free model exports zeros.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from data_prep import DataError
-from lm import hf_llama
-from lm.checkpoint import CheckpointError
-from lm.config import ModelConfig, head_size, mlp_hidden_size
+from lm.interop import hf_llama
+from lm.training.checkpoint import CheckpointError
+from lm.config.schema import ModelConfig, head_size, mlp_hidden_size
 from lm.files import field, read_json, read_safetensors, safetensors_header
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # ours -> HF's activation_function
@@ -51,7 +51,7 @@ def unrolled(model: torch.nn.Module) -> torch.nn.Module:
     directory (n_layer blocks) holds it. The tensors are the model's own (no copy)."""
     import dataclasses
 
-    from lm.model import GPT
+    from lm.model.gpt import GPT
 
     K = model.cfg.share_layers
     state = {}
@@ -156,7 +156,7 @@ def _read_gpt2_config(hf: dict, path: Path) -> ModelConfig:
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor a HF directory of shape `cfg` holds (GPT-2's without "transformer.")."""
-    from lm.plan import param_shapes
+    from lm.training.plan import param_shapes
 
     llama, out = family(cfg) == "llama", {}
     head, kv = head_size(cfg), (cfg.n_kv_head or cfg.n_head) * head_size(cfg)
@@ -216,7 +216,7 @@ RESOLVED = {"n_kv_head": lambda m: m.n_kv_head or m.n_head, "mlp_hidden": mlp_hi
 
 
 def hf_shape_keys(hf: ModelConfig) -> tuple[str, ...]:
-    """The model keys a HF directory fixes (init.from takes them, lm/initialize.py)."""
+    """The model keys a HF directory fixes (init.from takes them, lm/training/initialize.py)."""
     return SHAPE + (("activation",) if hf.mlp == "gelu" else ("rope_theta", "bias")) + tuple(RESOLVED)
 
 
@@ -243,7 +243,7 @@ def _toml(value) -> str:
 def load_hf_weights(directory: Path, model: torch.nn.Module):
     """Copy a HF GPT-2 or Llama `model.safetensors` (or its shards) into our model (shapes checked tensor by
     tensor)."""
-    from lm.parallel import shard_like
+    from lm.training.parallel import shard_like
 
     try:
         check_hf_header(directory, model.cfg)

@@ -5,14 +5,14 @@ no model, no data, no GPU (`python train.py CONFIG --plan --world-size 64`).
 Notation: V vocab, s block_size (sequence length), h n_embd, a n_head, L n_layer, b micro-batch
 (sequences per GPU per forward), W world size (GPUs), P parameters.
 
-Parameters (exact, the shapes lm.model.GPT builds; the output head is tied to the token embedding):
+Parameters (exact, the shapes lm.model.gpt.GPT builds; the output head is tied to the token embedding):
     embedding      V·h + s·h                      (token and position tables)
     per block      12·h² (+ 13·h with biases)      (qkv 3h², attn proj h², MLP 8h²; 2 LayerNorms)
     final norm     h (+ h with biases)
 FLOPs per token:   6·P + 12·L·h·s                 (P counts the tied head's matmul, as the trainer's MFU
                                                    does; 12·L·h·s is attention's QKᵀ and AV, fwd + bwd)
 
-Memory per GPU (FSDP2, `lm.parallel.shard`: fp32 master weights, bf16 compute, fp32 gradient reduce):
+Memory per GPU (FSDP2, `lm.training.parallel.shard`: fp32 master weights, bf16 compute, fp32 gradient reduce):
     parameters     4 B × this rank's shard         FSDP2 shards dim 0 of every tensor with torch.chunk:
     gradients      4 B × shard                     ceil(d0 / W) rows per rank, the last ranks fewer or
     optimizer      8 B × shard (AdamW m and v)     none. Rank 0 always holds the largest shard.
@@ -25,7 +25,7 @@ Memory per GPU (FSDP2, `lm.parallel.shard`: fp32 master weights, bf16 compute, f
                    adds 4·s·b·h (its input and output).
     logits         model.loss_chunk = 0: b·s·V × (4 + 4 + 4): the fp32 log-probs the loss saves, their
                    gradient and the logits' gradient; + 2 for the bf16 logits themselves when computing in
-                   bf16. model.loss_chunk = k > 0 (lm/loss.py, the head and the loss chunk by chunk, the
+                   bf16. model.loss_chunk = k > 0 (lm/model/loss.py, the head and the loss chunk by chunk, the
                    gradients computed in the forward): one chunk's logits min(k, b·s)·V × (4 + 2 in bf16:
                    the fp32 softmax and the bf16 copy of its gradient), the fp32 grad_weight accumulator
                    4·V·h (+ 2·V·h for a chunk's bf16 product before it is added), and grad_hidden b·s·h ×
@@ -49,7 +49,7 @@ Memory per GPU (FSDP2, `lm.parallel.shard`: fp32 master weights, bf16 compute, f
     A micro-batch fits when the peak is at most USABLE_FRACTION of the GPU's memory; the rest goes to
     the CUDA context, NCCL buffers and allocator fragmentation.
 
-Speed at MFU m on W GPUs of peak F FLOP/s (lm.metrics.PEAK_FLOPS): tokens/s = m·W·F / (FLOPs per token);
+Speed at MFU m on W GPUs of peak F FLOP/s (lm.training.metrics.PEAK_FLOPS): tokens/s = m·W·F / (FLOPs per token);
 the step (W·b·grad_accum·s tokens) takes tokens / (tokens/s). MFU counts model FLOPs only, so the
 recomputation of activation checkpointing is a cost the chosen MFU must absorb.
 """
@@ -59,8 +59,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 
-from lm.config import Config, ConfigError, ModelConfig, head_size, mlp_hidden_size
-from lm.metrics import PEAK_FLOPS
+from lm.config.schema import Config, ConfigError, ModelConfig, head_size, mlp_hidden_size
+from lm.training.metrics import PEAK_FLOPS
 
 USABLE_FRACTION = 0.9
 SECONDS_PER_DAY = 86400
@@ -210,7 +210,7 @@ def _logits_bytes(m: ModelConfig, b: int, dtype: str, sharded: bool) -> float:
         return tokens * V * (12 + (2 if low else 0))
     chunk = min(m.loss_chunk, tokens) * V * (4 + (2 if low else 0))
     grad_weight = V * h * (4 + (2 if low else 0))
-    grad_hidden = tokens * h * (2 if sharded and dtype == "bfloat16" else 4)  # fp16: kept in fp32 (lm/loss.py)
+    grad_hidden = tokens * h * (2 if sharded and dtype == "bfloat16" else 4)  # fp16: kept in fp32 (lm/model/loss.py)
     return chunk + grad_weight + grad_hidden
 
 
@@ -338,7 +338,7 @@ def format_plan(p: RunPlan, title: str = "") -> str:
            if p.loss_chunk else "   (whole; model.loss_chunk = 0)"),
         f"{'  temporaries (FSDP gathers, grads)':<40}{_gb(p.mem_temporaries)}",
         f"{'  grad_accum buffer (unsharded fp32)':<40}{_gb(p.mem_grad_accum)}",
-        f"{'  peak total (lm/plan.py docstring)':<40}{_gb(p.mem_total)}   of {p.usable_memory / 1e9:.1f} GB usable: {fit}",
+        f"{'  peak total (lm/training/plan.py docstring)':<40}{_gb(p.mem_total)}   of {p.usable_memory / 1e9:.1f} GB usable: {fit}",
         f"{'largest micro-batch that fits':<40}{p.max_micro_batch:>9}"
         f"   (no checkpointing {p.max_micro_batch_no_ac}, full {p.max_micro_batch_full_ac})",
         f"{'tokens per step (W·b·accum·s)':<40}{p.tokens_per_step:>16,}",

@@ -3,7 +3,7 @@ schedules.
 
 Every optimizer is one torch.optim.Optimizer whose param_groups' "lr" the trainer sets to the schedule's value
 each step; its state is ordinary per-parameter tensors (sharded like the parameters under FSDP), which
-lm/checkpoint.py saves and restores through torch.distributed.checkpoint.
+lm/training/checkpoint.py saves and restores through torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from lm.config import OptimConfig
+from lm.config.schema import OptimConfig
 
 # optim.momentum = -1 takes these: SGD's common 0.9, torch's RMSprop default (none), Muon's reference 0.95
 DEFAULT_MOMENTUM = {"adamw": 0.0, "sgd": 0.9, "rmsprop": 0.0, "muon": 0.95}

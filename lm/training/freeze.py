@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lm.config import parse_freeze
+from lm.config.checks import parse_freeze
 
 
 class Freezing:

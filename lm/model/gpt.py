@@ -2,29 +2,27 @@
 
 GPT-2's block by default: token + learned position embeddings, pre-LayerNorm blocks, causal self-attention,
 GELU MLP, dropout on embeddings / attention / residuals, a final LayerNorm, and an output head tied to the
-token embedding. The modern options are config keys: RMSNorm, rotary positions (lm/position.py), SwiGLU,
+token embedding. The modern options are config keys: RMSNorm, rotary positions (lm/model/position.py), SwiGLU,
 ReLU squared, grouped-query attention (n_kv_head), query/key norm, no biases, zero-initialized projections. The attention and norm kernels come from
-lm.attention (model.attention, model.layernorm); the KV cache that `forward` fills during generation is
-lm.generate.KVCache.
+lm.model.attention (model.attention, model.layernorm); the KV cache that `forward` fills during generation is
+lm/model/kv_cache.py.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lm.attention import ATTENTION, is_norm, make_norm
-from lm.config import ModelConfig, head_size, mlp_hidden_size
-from lm.loss import linear_cross_entropy
-from lm.position import apply_rope, document_positions, document_segments, rope_tables
+from lm.model.attention import ATTENTION, is_norm, make_norm
+from lm.config.schema import ModelConfig, head_size, mlp_hidden_size
+from lm.model.loss import linear_cross_entropy
+from lm.model.position import apply_rope, document_positions, document_segments, rope_tables
 
-if TYPE_CHECKING:  # generation's KV cache; lm.generate imports this module
-    from lm.generate import KVCache, LayerCache
+from lm.model.kv_cache import KVCache, LayerCache
 
 
 class CausalSelfAttention(nn.Module):
@@ -129,7 +127,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one matrix reads and writes tokens (GPT-2); Llama 3 8B has two
             self.lm_head.weight = self.transformer.wte.weight
-        self.checkpointed: set[int] = set()  # blocks that recompute activations in backward (lm.parallel)
+        self.checkpointed: set[int] = set()  # blocks that recompute activations in backward (lm.training.parallel)
         # the EOS id that ends each packed document (model.document_eos, set by training with document masks)
         self.document_eos: int | None = cfg.document_eos if cfg.document_eos >= 0 else None
         self.init_weights(seed)
@@ -175,9 +173,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache: KVCache | None = None, lengths=None):
         """(logits, loss): logits for every position and, with targets, the mean cross-entropy (targets of
         -100 are ignored). With targets and model.loss_chunk > 0 the loss is computed chunk by chunk
-        without the whole logits (lm/loss.py) and the logits returned are None. With `document_eos` set
+        without the whole logits (lm/model/loss.py) and the logits returned are None. With `document_eos` set
         (data.document_mask), each packed document attends only to itself and its positions start at 0.
-        With `lengths` (sequence classification, lm/classify.py: each row's real tokens, right-padded), the
+        With `lengths` (sequence classification, lm/model/classifier.py: each row's real tokens, right-padded), the
         logits are `cls_head`'s, one row of class logits per sequence, and the loss is None."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -213,7 +211,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         if self.cfg.loss_chunk and type(self.lm_head) is nn.Linear:  # (not a quantized head: lm.quantize)
-            # the head and the loss chunk by chunk of tokens: the whole fp32 logits never exist (lm/loss.py)
+            # the head and the loss chunk by chunk of tokens: the whole fp32 logits never exist (lm/model/loss.py)
             loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                         self.cfg.loss_chunk)
             return None, loss

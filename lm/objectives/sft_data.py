@@ -114,7 +114,7 @@ class PackedStream:
 
 
 class PackedValSet:
-    """The validation examples, scored like a val split (lm.evaluation) but each row once (`sequences`),
+    """The validation examples, scored like a val split (lm.training.evaluation) but each row once (`sequences`),
     the loss a mean over target tokens; bits/byte counts the bytes of what is scored: the completion
     tokens kept in the window and the EOS ending each (EOS has no bytes, as in a prepared split)."""
 

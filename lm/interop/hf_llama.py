@@ -7,10 +7,10 @@ order, rows). Our rotary layout is Llama's Hugging Face one ("rotate half"), so 
 from __future__ import annotations
 
 from data_prep import DataError
-from lm.config import ModelConfig, head_size, mlp_hidden_size
+from lm.config.schema import ModelConfig, head_size, mlp_hidden_size
 from lm.files import field
 
-# what a model needs to be a Llama; anything else stays with GPT-2's format or is refused (lm/hf.py)
+# what a model needs to be a Llama; anything else stays with GPT-2's format or is refused (lm/interop/hf.py)
 LLAMA_BLOCK = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "qk_norm": False}
 
 _BLOCK_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",

@@ -20,19 +20,20 @@ from tqdm import tqdm
 
 from data_prep import DataError, TokenReader
 from data_prep.fileio import atomic_write_bytes
-from lm import checkpoint, plan
-from lm.augment import Augmenter, parse_augment
-from lm.config import Config, ConfigError, to_toml
-from lm.data import SampleStream
-from lm.ewc import EWC, EWC_FILE, estimate_fisher
-from lm.freeze import Freezing
-from lm.initialize import adopt_shape
-from lm.metrics import MetricsLog, peak_flops
+from lm.training import checkpoint, checkpoint_save, plan
+from lm.data.augment import Augmenter, parse_augment
+from lm.config.load import to_toml
+from lm.config.schema import Config, ConfigError
+from lm.data.batches import SampleStream
+from lm.training.ewc import EWC, EWC_FILE, estimate_fisher
+from lm.training.freeze import Freezing
+from lm.training.initialize import adopt_shape
+from lm.training.metrics import MetricsLog, peak_flops
 from lm.objectives import build_objective, objective_class
-from lm.optim import LRSchedule, build_optimizer
-from lm.parallel import build_model, close_world, init_world, mean_across_ranks, resolved_dtype
-from lm.prune import MASKS_FILE, Masks
-from lm.stability import Stability
+from lm.training.optim import LRSchedule, build_optimizer
+from lm.training.parallel import build_model, close_world, init_world, mean_across_ranks, resolved_dtype
+from lm.compress.prune import MASKS_FILE, Masks
+from lm.training.stability import Stability
 
 
 class TrainingError(RuntimeError):
@@ -156,7 +157,7 @@ class Trainer:
         except OSError as e:
             error = (f"train.out_dir = {self.run_dir}: cannot write there ({e.strerror or e}); a run writes its "
                      "config, metrics and checkpoints to it: choose a writable directory")
-        checkpoint.raise_if_any(error)
+        checkpoint_save.raise_if_any(error)
         return ckpt is not None
 
     def _keep_global_batch(self, ckpt: Path):
@@ -290,7 +291,7 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "train_loss": train_loss,
                 "val_loss": self.evaluator.last_loss, "val_step": self.evaluator.last_step, "params": self.num_params,
                 "val_start": self.evaluator.start, **self.objective.state_dict()}
-        path = checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
+        path = checkpoint_save.save(self.run_dir, self.step, self.model, self.optimizer, info, self.cfg,
                                self.tokenizer_file, keep_last=self.cfg.train.keep_checkpoints,
                                keep_every=self.cfg.train.keep_every)
         self.objective.after_save(path)

@@ -21,7 +21,7 @@ from data_prep import DataError, TokenReader, is_prepared, prepare, read_meta
 from data_prep.hashing import splitmix64
 from data_prep.mixture import Mixture
 from data_prep.sources import expand_placeholders
-from lm.config import DataConfig
+from lm.config.schema import DataConfig
 
 
 class SampleStream:

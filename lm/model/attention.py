@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.config import ModelConfig
+from lm.config.schema import ModelConfig
 
 
 def sdpa_attention(q, k, v, *, causal: bool, dropout_p: float, mask=None, segments=None):

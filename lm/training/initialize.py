@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from lm import checkpoint
-from lm.config import Config, ConfigError
-from lm.hf import check_hf_shape, load_hf_weights, read_hf_config
+from lm.training import checkpoint
+from lm.config.schema import Config, ConfigError
+from lm.interop.hf import check_hf_shape, load_hf_weights, read_hf_config
 
 
 def old_domain(source: str) -> str | None:
@@ -19,7 +19,7 @@ def old_domain(source: str) -> str | None:
     if not source or source.startswith("hf:"):
         return None
     from data_prep.shards import read_meta
-    from lm.config import parse_sources
+    from lm.config.checks import parse_sources
 
     saved = checkpoint.load_config(checkpoint.resolve(source))
     sources = parse_sources(saved.data.sources)
@@ -36,7 +36,7 @@ def adopt_shape(cfg: Config):
     if not source:
         return
     if source.startswith("hf:"):
-        from lm.hf import hf_shape_keys
+        from lm.interop.hf import hf_shape_keys
 
         theirs, where = read_hf_config(Path(source[3:])), f"{source}/config.json"
         keys = hf_shape_keys(theirs)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from lm.config import Config
+from lm.config.schema import Config
 
 
 # Dense peak FLOP/s by device name and dtype (vendor datasheets, without sparsity). MFU is reported only

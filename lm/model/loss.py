@@ -14,7 +14,7 @@ cross-entropy, the gradient is computed in the forward pass, while each chunk's 
 The backward only scales the two stored gradients by the incoming grad_output. Between forward and
 backward the step holds grad_hidden (tokens x C, the size of the final norm's output that the plain path
 saves instead) and grad_weight (V x C fp32) rather than the fp32 log-probs and their gradient (3 x tokens x V
-fp32): lm/plan.py counts both. Without gradients (evaluation, no_grad) only the loss is computed.
+fp32): lm/training/plan.py counts both. Without gradients (evaluation, no_grad) only the loss is computed.
 
 The tied head: `weight` is `lm_head.weight`, the token embedding's Parameter, so its gradient adds to the
 embedding's like any other use of it. Under FSDP2 the root module's parameters are all-gathered (bf16 with

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lm.config import Config
+from lm.config.schema import Config
 
 
 @dataclass
@@ -121,7 +121,7 @@ def resolved_dtype(cfg: Config, device: torch.device) -> str:
 def build_model(cfg: Config, world: World, device: torch.device):
     """The model on `device`: built whole in one process, or on the meta device and materialized shard
     by shard under torchrun. Returns the model with activation checkpointing and optional compile."""
-    from lm.model import GPT
+    from lm.model.gpt import GPT
 
     if not world.distributed:
         model = _with_task_head(GPT(cfg.model, seed=cfg.train.seed), cfg).to(device)
@@ -139,10 +139,10 @@ def build_model(cfg: Config, world: World, device: torch.device):
 
 
 def _with_task_head(model, cfg: Config):
-    """train.task = "classify": the classification head (lm/classify.py) joins the model before it is placed
+    """train.task = "classify": the classification head (lm/model/classifier.py) joins the model before it is placed
     or sharded (FSDP2's root unit holds it), initialized like every parameter, by name and seed."""
     if cfg.train.task == "classify":
-        from lm.classify import attach_head
+        from lm.model.classifier import attach_head
 
         attach_head(model, cfg)
     return model
