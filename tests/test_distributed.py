@@ -67,6 +67,21 @@ def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_speedrun_options_on_two_processes_match_one(data, tmp_path):
+    """ReLU², zero-initialized projections, an untied head (its own sharded matrix), Muon and WSD: FSDP's
+    shards compute what one process does."""
+    common = [f"data.dir={data}", "train.eval_interval=3", "model.mlp=relu2", "model.zero_init=true",
+              "model.tie_embeddings=false", "optim.name=muon", "optim.schedule=wsd", "optim.lr=3e-3"]
+    train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=4")
+    train(*common, f"train.out_dir={tmp_path / 'fsdp'}", "train.batch_size=2", "train.max_steps=4", nproc=2)
+    single, fsdp = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3, 4]
+    assert len(set(single.values())) == 4  # it learns: a zero-initialized model that stayed put would match too
+    for step in fsdp:
+        assert fsdp[step] == pytest.approx(single[step], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_hsdp_two_replicas_match_one_process(data, tmp_path):
     common = [f"data.dir={data}", "train.eval_interval=3", "train.max_steps=3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4")
