@@ -20,14 +20,14 @@ from .dedup import MinHashConfig
 from .errors import DataError
 from .fileio import atomic_write_json, file_sha256
 from .plan import DROP, TRAIN, VAL, Planner, TokenizerSample, val_score
-from .remote import is_url
-from .shards import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, META_FILE, dtype_for_vocab
+from .publish import MANIFEST_FILE, check_out_dir, manifest_json, meta_json, publish
+from .shards import DEFAULT_SHARD_TOKENS, META_FILE, dtype_for_vocab
 from .sources import Document, SourceStats, expand_placeholders, iter_files, list_files
 from .stream import FAIL_AFTER_ENV, SEGMENT_CHARS, EncodePass, is_single_document, position_cut  # noqa: F401
+from .tasks import Task
 from .tokenizer import TOKENIZER_KINDS, Tokenizer, load_tokenizer, tokenizer_classes, train_tokenizer
 from .workdir import WorkDir, fingerprint
 
-MANIFEST_FILE = "manifest.json"
 DEFAULT_SAMPLE_BYTES = 200_000_000
 
 
@@ -80,17 +80,6 @@ def check_settings(vocab_size: int, val_fraction: float, tokenizer_sample_bytes:
         raise DataError(f"wait must be a number of seconds >= 0, got {wait_s}")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory")
-    if (out / META_FILE).is_file():
-        if not overwrite:
-            raise DataError(f"{out}: already holds a prepared dataset (pass overwrite=True / --overwrite to replace it)")
-    elif out.is_dir() and any(out.iterdir()):
-        # Never delete a directory we did not create: it might be the user's source tree.
-        raise DataError(f"{out}: exists, is not empty and is not a prepared dataset; refusing to write into it")
-
-
 def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str = "bpe", vocab_size: int = 8192,
             val_fraction: float = 0.1, exclude: Iterable[str] = (), text_field: str = "text", seed: int = 1337,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, tokenizer_dir: str | os.PathLike | None = None,
@@ -112,7 +101,7 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
     t0 = time.time()
     inputs, exclude, special_tokens = list(inputs), list(exclude), list(special_tokens)
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     if tokenizer_dir is None and tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"unknown tokenizer kind {tokenizer!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
     check_settings(vocab_size, val_fraction, tokenizer_sample_bytes, shard_tokens, workers, tasks, task, wait_s)
@@ -132,7 +121,6 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
         "tokenizer_sha": file_sha256(reused / reused_tok.file_name) if reused else None,
     }
     if tasks > 1:
-        from .tasks import Task
         if reused is None:
             raise DataError("several tasks share one tokenizer: train it first (python -m data_prep tokenizer "
                             "INPUT... --out TOKDIR) and pass --tokenizer-from TOKDIR")
@@ -145,10 +133,10 @@ def prepare(inputs: Iterable[str], out_dir: str | os.PathLike, *, tokenizer: str
         tok, tok_path, trained_on = _tokenizer(work, config, clean_cfg, reused, reused_tok, show_progress)
         meta, info = _encode(work, config, clean_cfg, minhash, tok, tok_path, trained_on, workers, show_progress)
         meta["source"].update(seconds=round(time.time() - t0, 2), resumed=resumed, workers=workers)
-        atomic_write_json(work.path / MANIFEST_FILE, _manifest(config, info, meta))
+        atomic_write_json(work.path / MANIFEST_FILE, manifest_json(config, info, meta))
         atomic_write_json(work.path / META_FILE, meta)  # last: its presence means "prepared"
         work.finish()
-        _publish(work.path, out, overwrite)
+        publish(work.path, out, overwrite)
     except DataError:
         # Bad input or settings fail the same way on a rerun: nothing worth keeping.
         work.close()
@@ -299,64 +287,4 @@ def _encode(work: WorkDir, config: dict, clean_cfg: CleanConfig, minhash: MinHas
         "skipped": stats.skipped.to_json(), "documents_seen": plan.documents_seen, "files": stats.files,
         "bytes": stats.bytes, "excluded_files": config["excluded_files"], "documents": plan.kept,
     }
-    return _meta(config, tok, tok_path, info, entries, dtype), info
-
-
-def _meta(config: dict, tok: Tokenizer, tok_path: Path, info: dict, entries: dict, dtype: str) -> dict:
-    reused = config["tokenizer_dir"] is not None
-    return {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
-        "tokenizer": {"kind": tok.kind, "file": tok_path.name, "sha256": file_sha256(tok_path),
-                      "trained_on": info["trained_on"],
-                      "requested_kind": None if reused else config["tokenizer"],
-                      "requested_vocab_size": None if reused or tok.kind == "char" else config["vocab_size"]},
-        "splits": entries,
-        "source": {
-            "inputs": config["inputs"],
-            "resolved_inputs": [s if is_url(s) else os.path.abspath(s) for s in config["inputs"]],  # from any cwd
-            "exclude": config["exclude"],
-            "text_field": config["text_field"],
-            "files": info["files"],
-            "bytes": info["bytes"],
-            "excluded_files": info["excluded_files"],
-            "skipped_records": sum(v["count"] for v in info["skipped"].values()),
-            "removed_documents": sum(v["count"] for k, v in info["removed"].items()
-                                     if not (config["leakage"] == "flag" and k.startswith("val_train_overlap"))),
-            "documents_read": info["documents_seen"],
-            "documents": info["documents"],
-            "split_mode": info["split_mode"],
-            "val_fraction": config["val_fraction"],
-            "seed": config["seed"],
-            "shard_tokens": config["shard_tokens"],
-        },
-    }
-
-
-def _manifest(config: dict, info: dict, meta: dict) -> dict:
-    """What was removed or changed, and why: counts with one example source per reason."""
-    return {
-        "inputs": config["inputs"],
-        "settings": {k: config[k] for k in ("clean", "dedup", "leakage", "minhash", "strict", "val_fraction", "seed")},
-        "documents_read": info["documents_seen"],
-        "documents_kept": meta["source"]["documents"],
-        "skipped": info["skipped"],  # unusable files and records (binary, bad UTF-8, bad JSON, ...)
-        "removed": info["removed"],  # documents dropped by cleaning, dedup and val/train leakage
-        "modified": info["modified"],  # documents changed by cleaning
-        "leakage": config["leakage"],
-    }
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished dataset into place; an old dataset is removed only after the new one is in."""
-    _check_out_dir(out, overwrite)  # re-check: another run may have finished meanwhile
-    if out.exists():
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    return meta_json(config, tok, tok_path, info, entries, dtype), info

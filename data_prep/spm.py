@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
 from .fileio import atomic_write_bytes
-from .tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
+from .tokenizer_base import EOS_TOKEN, PAD_TOKEN, Tokenizer
 
 SP_MODEL_TYPES = ("bpe", "unigram")
 _SPACE_MARK = "\u2581"

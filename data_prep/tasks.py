@@ -40,6 +40,7 @@ from .dedup import BUCKET_CAP, LSHIndex, MinHashConfig, MinHasher, exact_key
 from .errors import DataError
 from .fileio import COUNT, FRACTION, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from .plan import DROP, EXACT_DUP, NEAR_DUP, TRAIN, TRAIN_EXACT, TRAIN_NEAR, VAL, resolve, val_score
+from .publish import MANIFEST_FILE, check_out_dir, manifest_json, meta_json, publish
 from .shards import META_FILE, dtype_for_vocab, scan_tokens
 from .sources import Document, SourceStats, iter_files
 from .stream import EncodePass, is_single_document, position_cut
@@ -392,8 +393,6 @@ def _ranges(numbers: list[int]) -> str:
 
 def merge(out: Path, overwrite: bool = False) -> dict:
     """Check every task's result and publish the dataset: shards moved in, one meta.json and manifest.json."""
-    from .prepare import MANIFEST_FILE, _check_out_dir, _manifest, _meta, _publish
-
     out = Path(out)
     root = tasks_root(out)
     if not (root / "config-00000.json").exists():
@@ -409,7 +408,7 @@ def merge(out: Path, overwrite: bool = False) -> dict:
     for k, r in enumerate(results):
         if r["fingerprint"] != results[0]["fingerprint"] or r["tokenizer_sha256"] != results[0]["tokenizer_sha256"]:
             raise DataError(f"{_task_dir(out, k)}: task {k} ran with other inputs, settings or tokenizer than task 0")
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     tok = load_tokenizer(Path(config["tokenizer_dir"]))
     dtype = dtype_for_vocab(tok.vocab_size)
     staging = root / "merged"
@@ -447,12 +446,12 @@ def merge(out: Path, overwrite: bool = False) -> dict:
             "documents_seen": sum(r["documents_read"] for r in results), "files": sum(r["files"] for r in results),
             "bytes": sum(r["bytes"] for r in results), "excluded_files": config["excluded_files"],
             "documents": sum(r["documents"] for r in results)}
-    meta = _meta(config, tok, staging / tok.file_name, info, entries, dtype)
+    meta = meta_json(config, tok, staging / tok.file_name, info, entries, dtype)
     meta["source"]["tasks"] = tasks
-    manifest = _manifest(config, info, meta)
+    manifest = manifest_json(config, info, meta)
     atomic_write_json(staging / MANIFEST_FILE, manifest)
     atomic_write_json(staging / META_FILE, meta)
-    _publish(staging, out, overwrite)
+    publish(staging, out, overwrite)
     shutil.rmtree(root, ignore_errors=True)
     return meta
 

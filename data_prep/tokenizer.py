@@ -1,13 +1,12 @@
 """Tokenizers: a character-level one (tiny corpora, nanoGPT's shakespeare_char), byte-level BPE (HF
 `tokenizers`) and SentencePiece BPE/unigram (spm.py).
 
-All expose the same small interface and persist to a single standard file, so a prepared dataset carries
-the exact tokenizer its shards were encoded with; meta.json records the file's sha256 and loading
-refuses a file that disagrees.
+All expose the same small interface (tokenizer_base.py) and persist to a single standard file, so a prepared
+dataset carries the exact tokenizer its shards were encoded with; meta.json records the file's sha256 and
+loading refuses a file that disagrees.
 """
 from __future__ import annotations
 
-import abc
 import os
 import re
 import threading
@@ -17,54 +16,13 @@ from typing import Iterable, Iterator, Sequence
 from .errors import DataError
 from .fileio import atomic_write_bytes, atomic_write_json, read_json
 from .shards import META_FILE, check_tokenizer_hash, read_meta
+from .spm import SentencePieceTokenizer
+from .tokenizer_base import EOS_TOKEN, PAD_TOKEN, Tokenizer
 
 _BUILD_FAST = threading.Lock()  # encoder threads that start together build the engine once
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 TOKENIZER_KINDS = ("bpe", "char", "sp-bpe", "sp-unigram")
 FAST_ENCODER_ENV = "LMFORGE_ENCODER"  # "hf": prepare encodes byte-level BPE with HF tokenizers, not tiktoken
-
-
-class Tokenizer(abc.ABC):
-    kind: str
-    file_name: str
-    # True when encoding runs outside the GIL (Rust, C++), so threads of one process encode in parallel.
-    releases_gil: bool = False
-    # Where a text can be cut so that encoding the pieces gives the ids of encoding it whole (a regex whose
-    # matches end at such places), so huge documents are encoded in pieces (in parallel, bounded memory).
-    # None: encoded whole.
-    cut_at: re.Pattern | None = None
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def eos_id(self) -> int: ...
-
-    @property
-    def pad_id(self) -> int | None:
-        return None
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]: ...
-
-    @abc.abstractmethod
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-
-    def fast_encode(self):
-        """A faster function text -> ids with encode's results, for bulk encoding (prepare), or None."""
-        return None
-
-    @abc.abstractmethod
-    def decode(self, ids: Iterable[int]) -> str:
-        """Decode ids to text, special tokens included (EOS shows up as <|endoftext|>)."""
-
-    @abc.abstractmethod
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the tokenizer's one file into `directory` and return its path."""
 
 
 class CharTokenizer(Tokenizer):
@@ -249,8 +207,7 @@ def split_for_encoding(text: str, max_chars: int, cut_at: re.Pattern) -> Iterato
 
 
 def tokenizer_classes() -> dict[str, type[Tokenizer]]:
-    """File name -> class; imported lazily because spm.py builds on this module."""
-    from .spm import SentencePieceTokenizer
+    """File name -> class."""
     return {cls.file_name: cls for cls in (BPETokenizer, CharTokenizer, SentencePieceTokenizer)}
 
 
@@ -264,7 +221,6 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, special_to
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind in ("sp-bpe", "sp-unigram"):
-        from .spm import SentencePieceTokenizer
         return SentencePieceTokenizer.train(texts, vocab_size, model_type=kind[3:], special_tokens=special_tokens,
                                             show_progress=show_progress)
     raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(TOKENIZER_KINDS)})")
