@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,29 @@ def char_dataset(tiny_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("char_dataset") / "char"
     prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
     return out
+
+
+# ---- train.py as a user runs it, on one process or several ------------------------------------------------
+# (TRAIN_BASE: a tiny model on configs/shakespeare_char.toml, a constant lr, no warmup)
+TRAIN_BASE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
+              "log.progress=false", "log.interval=1", "train.device=cpu", "optim.schedule=constant",
+              "optim.warmup_steps=0", "train.dtype=float32"]
+
+
+def train(*args, nproc=1, resume=False, check=True):
+    """`python train.py configs/shakespeare_char.toml TRAIN_BASE... ARGS` as a user runs it, on `nproc`
+    processes (torchrun, gloo) when more than one."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "train.py", "configs/shakespeare_char.toml", *TRAIN_BASE, *args] + (["--resume"] if resume else [])
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> training loss, from a run's metrics.jsonl."""
+    records = metric_records(run_dir)
+    return {r["step"]: r["loss"] for r in records if "loss" in r}

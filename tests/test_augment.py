@@ -6,7 +6,8 @@ from lm.data.augment import Augmenter, parse_augment
 from lm.config.load import load_config
 from lm.config.schema import ConfigError
 from lm.training.trainer import Trainer
-from tests.test_train import char_data, losses, overrides  # noqa: F401  (the fixture)
+from tests.conftest import losses
+from tests.test_train import overrides
 
 V, EOS = 50, 49
 
@@ -43,18 +44,18 @@ def test_noise_and_drop_hit_about_p_of_the_positions(kind):
 
 
 @pytest.mark.slow
-def test_an_augmented_run_resumes_bit_exactly_and_differs_from_a_plain_one(char_data, tmp_path):  # noqa: F811
+def test_an_augmented_run_resumes_bit_exactly_and_differs_from_a_plain_one(char_dataset, tmp_path):
     extra = ["train.max_steps=6", "train.eval_interval=3", 'data.augment=["swap:0.05", "noise:0.05"]']
-    Trainer(load_config(None, overrides(char_data, tmp_path / "a", *extra))).run()
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *extra))).run(stop_at_step=3)
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *extra)), resume=True).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "a", *extra))).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *extra))).run(stop_at_step=3)
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *extra)), resume=True).run()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    Trainer(load_config(None, overrides(char_data, tmp_path / "plain", *extra[:2]))).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "plain", *extra[:2]))).run()
     assert losses(tmp_path / "plain") != losses(tmp_path / "a")
 
 
-def test_targets_are_never_augmented(char_data, tmp_path):  # noqa: F811
-    trainer = Trainer(load_config(None, overrides(char_data, tmp_path / "t", 'data.augment=["noise:0.5"]')))
+def test_targets_are_never_augmented(char_dataset, tmp_path):
+    trainer = Trainer(load_config(None, overrides(char_dataset, tmp_path / "t", 'data.augment=["noise:0.5"]')))
     seen = []
     original = trainer.model.forward
     trainer.model.forward = lambda x, y=None, **kw: (seen.append((x.clone(), y.clone())), original(x, y, **kw))[1]

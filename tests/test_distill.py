@@ -8,7 +8,7 @@ from data_prep import DataError, prepare
 from lm.config.load import load_config
 from lm.objectives.teacher import distillation_loss
 from lm.training.trainer import Trainer
-from tests.test_distributed import BASE, losses, train
+from tests.conftest import TRAIN_BASE as BASE, losses, train
 
 TEACHER = ["model.n_layer=2", "model.n_head=2", "model.n_embd=48"]
 STUDENT = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]

@@ -2,7 +2,6 @@
 activation checkpointing, preemption and the learning-rate schedules."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,45 +10,16 @@ import time
 import pytest
 import torch
 
-from data_prep import prepare
 from lm.training import checkpoint
 from lm.config.load import load_config
 from lm.config.schema import OptimConfig
 from lm.training.optim import LRSchedule
 from lm.training.trainer import Trainer
-from tests.conftest import ROOT
-
-BASE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.eval_sequences=8",
-        "log.progress=false", "log.interval=1", "train.device=cpu", "optim.schedule=constant",
-        "optim.warmup_steps=0", "train.dtype=float32"]
-
-
-@pytest.fixture(scope="module")
-def data(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "char"
-    prepare([str(tiny_corpus)], out, tokenizer="char", show_progress=False)
-    return out
-
-
-def train(*args, nproc=1, resume=False, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "train.py", "configs/shakespeare_char.toml", *BASE, *args] + (["--resume"] if resume else [])
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
+from tests.conftest import ROOT, TRAIN_BASE as BASE, losses, train
 
 @pytest.mark.slow
-def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path):
-    common = [f"data.dir={data}", "train.eval_interval=3"]
+def test_two_process_fsdp_matches_one_process_and_resumes_on_one(char_dataset, tmp_path):
+    common = [f"data.dir={char_dataset}", "train.eval_interval=3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=6")
     # 2 ranks x 2 sequences read the same global samples as 1 rank x 4
     train(*common, f"train.out_dir={tmp_path / 'fsdp'}", "train.batch_size=2", "train.max_steps=3", nproc=2)
@@ -67,10 +37,10 @@ def test_two_process_fsdp_matches_one_process_and_resumes_on_one(data, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_speedrun_options_on_two_processes_match_one(data, tmp_path):
+def test_the_speedrun_options_on_two_processes_match_one(char_dataset, tmp_path):
     """ReLU², zero-initialized projections, an untied head (its own sharded matrix), Muon and WSD: FSDP's
     shards compute what one process does."""
-    common = [f"data.dir={data}", "train.eval_interval=3", "model.mlp=relu2", "model.zero_init=true",
+    common = [f"data.dir={char_dataset}", "train.eval_interval=3", "model.mlp=relu2", "model.zero_init=true",
               "model.tie_embeddings=false", "optim.name=muon", "optim.schedule=wsd", "optim.lr=3e-3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=4")
     train(*common, f"train.out_dir={tmp_path / 'fsdp'}", "train.batch_size=2", "train.max_steps=4", nproc=2)
@@ -82,8 +52,8 @@ def test_the_speedrun_options_on_two_processes_match_one(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_hsdp_two_replicas_match_one_process(data, tmp_path):
-    common = [f"data.dir={data}", "train.eval_interval=3", "train.max_steps=3"]
+def test_hsdp_two_replicas_match_one_process(char_dataset, tmp_path):
+    common = [f"data.dir={char_dataset}", "train.eval_interval=3", "train.max_steps=3"]
     train(*common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4")
     train(*common, f"train.out_dir={tmp_path / 'hsdp'}", "train.batch_size=2", "parallel.replicas=2", nproc=2)
     single, hsdp = losses(tmp_path / "single"), losses(tmp_path / "hsdp")
@@ -92,22 +62,22 @@ def test_hsdp_two_replicas_match_one_process(data, tmp_path):
         assert hsdp[step] == pytest.approx(single[step], rel=1e-5)
 
 
-def config(data, out, *extra):
-    return load_config(None, [*BASE, f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", *extra])
+def config(char_dataset, out, *extra):
+    return load_config(None, [*BASE, f"data.dir={char_dataset}", f"train.out_dir={out}", "train.batch_size=4", *extra])
 
 
-def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+def test_activation_checkpointing_gives_the_same_losses(char_dataset, tmp_path):
     extra = ["train.max_steps=4", "train.eval_interval=4", "model.dropout=0.1"]
     results = {}
     for mode in ("none", "full", "every"):
-        trainer = Trainer(config(data, tmp_path / mode, *extra, f"parallel.activation_checkpointing={mode}"))
+        trainer = Trainer(config(char_dataset, tmp_path / mode, *extra, f"parallel.activation_checkpointing={mode}"))
         trainer.run()
         results[mode] = losses(tmp_path / mode)
     assert results["full"] == results["none"] == results["every"]
 
 
-def test_a_planted_nan_is_skipped_counted_and_never_reaches_the_weights(data, tmp_path):
-    trainer = Trainer(config(data, tmp_path / "nan", "train.max_steps=6", "train.eval_interval=3"))
+def test_a_planted_nan_is_skipped_counted_and_never_reaches_the_weights(char_dataset, tmp_path):
+    trainer = Trainer(config(char_dataset, tmp_path / "nan", "train.max_steps=6", "train.eval_interval=3"))
     forward = trainer.model.forward
 
     def poisoned(idx, targets=None, cache=None):
@@ -134,8 +104,8 @@ def test_a_planted_nan_is_skipped_counted_and_never_reaches_the_weights(data, tm
     assert math.isfinite(result["train_loss"])
 
 
-def test_repeated_nans_roll_back_to_the_last_checkpoint(data, tmp_path):
-    trainer = Trainer(config(data, tmp_path / "rb", "train.max_steps=8", "train.eval_interval=2",
+def test_repeated_nans_roll_back_to_the_last_checkpoint(char_dataset, tmp_path):
+    trainer = Trainer(config(char_dataset, tmp_path / "rb", "train.max_steps=8", "train.eval_interval=2",
                              "stability.rollback_after=2", "stability.rollback_lr_factor=0.5"))
     forward = trainer.model.forward
     poisoned_steps = {4, 5}
@@ -154,9 +124,9 @@ def test_repeated_nans_roll_back_to_the_last_checkpoint(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_complete_checkpoint_and_exits_0(data, tmp_path):
+def test_sigterm_saves_a_complete_checkpoint_and_exits_0(char_dataset, tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "train.py", "configs/shakespeare_char.toml", *BASE, f"data.dir={data}",
+    cmd = [sys.executable, "train.py", "configs/shakespeare_char.toml", *BASE, f"data.dir={char_dataset}",
            f"train.out_dir={out}", "train.batch_size=4", "train.max_steps=100000", "train.eval_interval=100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -171,14 +141,14 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(data, tmp_path):
     # a save killed midway leaves only a .tmp directory, which --resume ignores
     (ckpt.parent / f"step_{step + 5:08d}.tmp").mkdir()
     assert checkpoint.resolve(out) == ckpt
-    r = train(f"data.dir={data}", f"train.out_dir={out}", "train.batch_size=4", f"train.max_steps={step + 2}",
+    r = train(f"data.dir={char_dataset}", f"train.out_dir={out}", "train.batch_size=4", f"train.max_steps={step + 2}",
               "train.eval_interval=100000", resume=True)
     assert f"resumed from {ckpt}" in r.stdout + r.stderr
     assert max(losses(out)) == step + 2
 
 
-def test_keep_last_and_keep_every(data, tmp_path):
-    Trainer(config(data, tmp_path / "k", "train.max_steps=10", "train.eval_interval=100",
+def test_keep_last_and_keep_every(char_dataset, tmp_path):
+    Trainer(config(char_dataset, tmp_path / "k", "train.max_steps=10", "train.eval_interval=100",
                    "train.checkpoint_interval=1", "train.keep_checkpoints=2", "train.keep_every=4")).run()
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "k")] == \
         ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]

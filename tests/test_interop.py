@@ -1,12 +1,10 @@
 """Hugging Face export and import, our safetensors format, and int8 sampling."""
-import json
 import os
 
 import pytest
 import torch
 
 from data_prep import prepare
-from lm.training import checkpoint
 from lm.config.load import load_config
 from lm.interop.export import load
 from lm.model.generate import generate

@@ -15,7 +15,6 @@ from lm.model.generate import generate
 from lm.interop.hf import hf_config, read_hf_config
 from lm.model.gpt import GPT
 from lm.training.trainer import Trainer
-from tests.conftest import assert_user_error
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network
 import transformers  # noqa: E402  (the dev extra)

@@ -16,7 +16,7 @@ from lm.model.gpt import GPT
 from lm.training.optim import NS_COEFFICIENTS, build_optimizer, newton_schulz
 from lm.training.trainer import Trainer
 from tests.conftest import ROOT
-from tests.test_distributed import BASE, data, losses, train  # noqa: F401 (data: the prepared-corpus fixture)
+from tests.conftest import TRAIN_BASE as BASE, losses, train
 from tests.test_train import weights
 
 NAMES = ("adamw", "sgd", "rmsprop", "muon")
@@ -152,9 +152,9 @@ def test_weight_decay_reaches_matrices_only(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_optimizer_resumes_bit_exactly(name, data, tmp_path):
+def test_every_optimizer_resumes_bit_exactly(name, char_dataset, tmp_path):
     def cfg(run):
-        return load_config(None, [*BASE, f"data.dir={data}", f"train.out_dir={tmp_path / run}", "train.batch_size=4",
+        return load_config(None, [*BASE, f"data.dir={char_dataset}", f"train.out_dir={tmp_path / run}", "train.batch_size=4",
                                   f"optim.name={name}", "optim.schedule=cosine", "optim.warmup_steps=2",
                                   "train.max_steps=4", "train.eval_interval=4", "optim.muon_lr=0.02",
                                   "optim.momentum=0.5" if name == "rmsprop" else "optim.nesterov=true"])
@@ -174,9 +174,9 @@ def test_every_optimizer_resumes_bit_exactly(name, data, tmp_path):
     assert f"optim.transformer.h.0.mlp.c_fc.weight.{state[name]}" in keys
 
 
-def test_resuming_with_another_optimizer_is_refused(data, tmp_path):
+def test_resuming_with_another_optimizer_is_refused(char_dataset, tmp_path):
     def cfg(name):
-        return load_config(None, [*BASE, f"data.dir={data}", f"train.out_dir={tmp_path / 'r'}", "train.batch_size=4",
+        return load_config(None, [*BASE, f"data.dir={char_dataset}", f"train.out_dir={tmp_path / 'r'}", "train.batch_size=4",
                                   "train.max_steps=2", f"optim.name={name}"])
 
     Trainer(cfg("adamw")).run()
@@ -187,9 +187,9 @@ def test_resuming_with_another_optimizer_is_refused(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_path):
+def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(char_dataset, tmp_path):
     # mlp_hidden 67: c_fc's 67 rows shard unevenly (34 + 33); c_attn's q | k | v boundary falls inside a shard
-    common = [f"data.dir={data}", "train.eval_interval=4", "optim.name=muon", "optim.muon_lr=0.02",
+    common = [f"data.dir={char_dataset}", "train.eval_interval=4", "optim.name=muon", "optim.muon_lr=0.02",
               "model.mlp_hidden=67", "optim.warmup_steps=2"]
 
     def one_process(run, steps, resume=False):
@@ -221,11 +221,11 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(data, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-4)])
-def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, data, tmp_path):
+def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, char_dataset, tmp_path):
     # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard.
     # RMSprop's early steps are lr * g / (sqrt(0.05) |g| + eps): where |g| is near eps, the ranks' reduction-
     # order rounding of g (~1e-9) moves the step by up to ~lr / 10, so weights agree to 1e-4 (a step: ~1e-2).
-    common = [f"data.dir={data}", "train.eval_interval=4", f"optim.name={name}", f"optim.lr={lr}",
+    common = [f"data.dir={char_dataset}", "train.eval_interval=4", f"optim.name={name}", f"optim.lr={lr}",
               "optim.momentum=0.5", "model.mlp_hidden=67", "optim.warmup_steps=2", "train.max_steps=4"]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
                       [*BASE, *common, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=4"])

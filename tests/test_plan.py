@@ -3,7 +3,6 @@ a fake process group (no memory, no GPUs), sharded initialization, and measured 
 import contextlib
 import json
 import math
-import os
 import subprocess
 import sys
 

@@ -11,7 +11,8 @@ from lm.config.schema import ModelConfig
 from lm.model.gpt import GPT
 from lm.objectives.sft_data import IGNORE, PackedStream, pack, read_examples, split_targets
 from lm.training.trainer import Trainer
-from tests.test_train import char_data, losses, overrides  # noqa: F401  (the fixture)
+from tests.conftest import losses
+from tests.test_train import overrides
 
 EOS = 29
 
@@ -75,20 +76,20 @@ def test_the_stream_reads_each_row_once_per_epoch_in_a_seeded_order():
     assert (stream.read(3, 4) == epoch[3:7]).all()
 
 
-def test_sft_trains_from_a_pretrained_run_and_resumes_bit_exactly(char_data, tmp_path):  # noqa: F811
+def test_sft_trains_from_a_pretrained_run_and_resumes_bit_exactly(char_dataset, tmp_path):
     examples = tmp_path / "sft.jsonl"
     words = "the quick brown fox jumps over a lazy dog".split()
     examples.write_text("".join(json.dumps({"prompt": f"say {w} twice\n", "completion": f"{w} {w}."}) + "\n"
                                 for w in words * 6))
-    Trainer(load_config(None, overrides(char_data, tmp_path / "base", "train.max_steps=2"))).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "base", "train.max_steps=2"))).run()
     sft = ["train.max_steps=6", "train.eval_interval=3", f"sft.train_file={examples}", f"init.from={tmp_path / 'base'}",
            "train.eval_sequences=4"]
-    first = Trainer(load_config(None, overrides(char_data, tmp_path / "a", *sft)))
+    first = Trainer(load_config(None, overrides(char_dataset, tmp_path / "a", *sft)))
     assert first.model.document_eos is not None
     result = first.run()
     assert result["val_loss"] < 10 and result["step"] == 6
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *sft))).run(stop_at_step=3)
-    Trainer(load_config(None, overrides(char_data, tmp_path / "b", *sft)), resume=True).run()
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *sft))).run(stop_at_step=3)
+    Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *sft)), resume=True).run()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
@@ -118,7 +119,7 @@ def test_sft_bench_smoke(cli, tmp_path):
         assert 0 < result[name]["completion_loss"] < 20 and 0 <= result[name]["parse_share"] <= 1
 
 
-def test_the_step_loss_is_the_mean_over_every_target_of_the_global_batch(char_data, tmp_path):  # noqa: F811
+def test_the_step_loss_is_the_mean_over_every_target_of_the_global_batch(char_dataset, tmp_path):
     """Rows hold different numbers of targets: grad_accum 2 x 2 rows gives the loss of 1 x 4 rows (and so
     does 2 ranks x 2 rows: tests/test_matrix.py)."""
     examples = tmp_path / "sft.jsonl"
@@ -127,8 +128,8 @@ def test_the_step_loss_is_the_mean_over_every_target_of_the_global_batch(char_da
                                 for i, w in enumerate(words * 4)))
     common = ["train.max_steps=1", f"sft.train_file={examples}", "sft.val_fraction=0", "train.eval_interval=100",
               "model.dropout=0.0"]
-    one = Trainer(load_config(None, overrides(char_data, tmp_path / "a", *common, "train.batch_size=4")))
-    two = Trainer(load_config(None, overrides(char_data, tmp_path / "b", *common, "train.batch_size=2",
+    one = Trainer(load_config(None, overrides(char_dataset, tmp_path / "a", *common, "train.batch_size=4")))
+    two = Trainer(load_config(None, overrides(char_dataset, tmp_path / "b", *common, "train.batch_size=2",
                                               "train.grad_accum=2")))
     a, b = one.train_step()["loss"], two.train_step()["loss"]
     assert a == pytest.approx(b, rel=1e-6)

@@ -12,7 +12,7 @@ from lm.model.kv_cache import KVCache
 from lm.interop.hf import unrolled
 from lm.model.gpt import GPT
 from lm.training.plan import flops_per_token, param_shapes
-from tests.test_distributed import losses, train
+from tests.conftest import losses, train
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -5,7 +5,7 @@ import pytest
 from lm.config.schema import StabilityConfig
 from lm.training.stability import GROW_AFTER, Stability
 from lm.training.trainer import Trainer, TrainingError
-from tests.test_trust_training import config, data, poison  # noqa: F401 (data is a fixture)
+from tests.test_trust_training import config, poison
 
 
 def test_the_scale_grows_again_after_falling_to_one():
@@ -47,8 +47,8 @@ def test_state_carries_the_good_step_count_for_an_exact_resume():
     assert st.loss_scale == again.loss_scale == 2 * 65536.0
 
 
-def test_a_rollback_keeps_the_learned_loss_scale(data, tmp_path):  # noqa: F811
-    trainer = Trainer(config(data, tmp_path / "r", "train.max_steps=4", "train.eval_interval=2",
+def test_a_rollback_keeps_the_learned_loss_scale(char_dataset, tmp_path):
+    trainer = Trainer(config(char_dataset, tmp_path / "r", "train.max_steps=4", "train.eval_interval=2",
                              "stability.rollback_after=1"))
     trainer.stability.fp16, trainer.stability.loss_scale = True, 1024.0  # as a float16 run would hold it
     trainer.run(stop_at_step=2)  # a checkpoint at step 2 with scale 1024
@@ -60,8 +60,8 @@ def test_a_rollback_keeps_the_learned_loss_scale(data, tmp_path):  # noqa: F811
     trainer.close()
 
 
-def test_no_checkpoint_to_roll_back_to_names_the_real_cause(data, tmp_path):  # noqa: F811
-    trainer = Trainer(config(data, tmp_path / "n", "train.max_steps=4", "train.eval_interval=100",
+def test_no_checkpoint_to_roll_back_to_names_the_real_cause(char_dataset, tmp_path):
+    trainer = Trainer(config(char_dataset, tmp_path / "n", "train.max_steps=4", "train.eval_interval=100",
                              "stability.rollback_after=1"))
     poison(trainer, [0])
     with pytest.raises(TrainingError, match="lower optim.lr"):

@@ -5,7 +5,7 @@ import torch
 from data_prep import prepare
 from lm.training import checkpoint
 from lm.interop.export import load
-from tests.test_distributed import train
+from tests.conftest import train
 
 
 @pytest.mark.slow

@@ -10,18 +10,13 @@ from lm.config.load import load_config
 from lm.model.gpt import GPT
 from lm.training.trainer import Trainer
 from tests import conftest
-from tests.conftest import ROOT, assert_user_error, run_main
+from tests.conftest import ROOT, assert_user_error, losses, run_main
 
 TINY = [*conftest.TINY, "optim.warmup_steps=3"]
 
 
 def overrides(data_dir, out_dir, *extra):
     return [*TINY, f"data.dir={data_dir}", f"train.out_dir={out_dir}", *extra]
-
-
-def losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def weights(ckpt) -> dict:

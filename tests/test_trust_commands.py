@@ -16,7 +16,7 @@ from lm.config.schema import ConfigError
 from lm.objectives.sft_data import fit, pack, prepare_sft, read_examples
 from lm.training.trainer import Trainer
 from tests.conftest import ROOT, assert_user_error, run_cli
-from tests.test_train import char_data, overrides  # noqa: F401  (the fixture)
+from tests.test_train import overrides
 from train import done_line
 
 EOS = 29
@@ -24,20 +24,20 @@ EOS = 29
 
 # ---- the run directory ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_run_directory_that_cannot_be_written_is_one_line(char_data, tmp_path):  # noqa: F811
+def test_a_run_directory_that_cannot_be_written_is_one_line(char_dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(checkpoint.CheckpointError, match=r"train.out_dir = .*file/run: cannot write there"):
-        Trainer(load_config(None, overrides(char_data, blocker / "run")))
+        Trainer(load_config(None, overrides(char_dataset, blocker / "run")))
     r = run_cli("train.py", ROOT / "configs" / "shakespeare_char.toml",
-                *overrides(char_data, blocker / "run", "train.max_steps=2"))
+                *overrides(char_dataset, blocker / "run", "train.max_steps=2"))
     assert_user_error(r, "cannot write there")
 
 
-def test_metrics_that_cannot_be_written_mid_run_warn_once_and_the_run_goes_on(char_data, tmp_path, monkeypatch):  # noqa: F811
+def test_metrics_that_cannot_be_written_mid_run_warn_once_and_the_run_goes_on(char_dataset, tmp_path, monkeypatch):
     import lm.training.metrics
 
-    trainer = Trainer(load_config(None, overrides(char_data, tmp_path / "r", "train.max_steps=4")))
+    trainer = Trainer(load_config(None, overrides(char_dataset, tmp_path / "r", "train.max_steps=4")))
     real_open, calls = open, []
 
     def read_only(path, mode="r", *args, **kwargs):
@@ -60,8 +60,8 @@ def test_the_closing_line_says_when_validation_was_measured():
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_and_trains_nothing(char_data, tmp_path):  # noqa: F811
-    args = overrides(char_data, tmp_path / "r", "train.max_steps=2", "train.eval_interval=2")
+def test_resuming_a_finished_run_says_so_and_trains_nothing(char_dataset, tmp_path):
+    args = overrides(char_dataset, tmp_path / "r", "train.max_steps=2", "train.eval_interval=2")
     config = ROOT / "configs" / "shakespeare_char.toml"
     assert run_cli("train.py", config, *args).returncode == 0
     r = run_cli("train.py", config, *args, "--resume")
