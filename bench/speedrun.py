@@ -46,9 +46,9 @@ INGREDIENTS: dict[str, list[str]] = {
     "batch 32": ["train.batch_size=32"],
     "zero-init, untied head": ["model.zero_init=true", "model.tie_embeddings=false"],
 }
-STEPS = ["train.max_steps=300"]  # the recipe's budget, shared by every ablation row
+STEPS = ["train.max_steps=250"]  # the recipe's budget, shared by every ablation row
 # evaluation as often as the recipe's config does it (so every row pays the same for it); one checkpoint
-EVAL = ["train.eval_interval=100", "train.checkpoint_interval=300"]
+EVAL = ["train.eval_interval=125", "train.checkpoint_interval=250"]
 
 # a tiny budget for --smoke: both sides, a model of one small block, a few steps
 SMOKE_BASELINE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16",
