@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -148,6 +147,16 @@ def print_speedrun(result: dict):
         print("ours did not reach the target in any round")
 
 
+def ablation_rows() -> list[tuple[str, list[str]]]:
+    """(variant, overrides of nanoGPT's config): each ingredient alone, the recipe, the recipe without each,
+    the recipe with each left-off candidate."""
+    rows = [("nanoGPT config", [])]
+    rows += [(f"+ {name}", recipe_overrides(only=name)) for name in INGREDIENTS]
+    rows += [("recipe (all)", recipe_overrides())]
+    rows += [(f"recipe - {name}", recipe_overrides(without=name)) for name in INGREDIENTS]
+    return rows + [(f"recipe + {name}", [*recipe_overrides(), *LEFT_OFF[name]]) for name in LEFT_OFF]
+
+
 def ablation(args, data: Path, tmp: Path) -> dict:
     target = args.target
     if target is None:
@@ -155,13 +164,8 @@ def ablation(args, data: Path, tmp: Path) -> dict:
         target = base["val_loss"]
         print(f"target (bare nanoGPT loop, {base['steps']} steps): {target:.4f} in {base['wall_s']:.1f} s", flush=True)
     budget = (SMOKE_OURS if args.smoke else STEPS + EVAL) + threads(args)
-    rows = [("nanoGPT config", [])]
-    rows += [(f"+ {name}", recipe_overrides(only=name)) for name in INGREDIENTS]
-    rows += [("recipe (all)", recipe_overrides())]
-    rows += [(f"recipe - {name}", recipe_overrides(without=name)) for name in INGREDIENTS]
-    rows += [(f"recipe + {name}", [*recipe_overrides(), *LEFT_OFF[name]]) for name in LEFT_OFF]
     results = []
-    for i, (name, overrides) in enumerate(rows):
+    for i, (name, overrides) in enumerate(ablation_rows()):
         r = run_ours(BASELINE_CONFIG, data, tmp / f"ablation{i}", [*overrides, *budget, *args.overrides], target)
         r.update(name=name, overrides=overrides, load_average=os.getloadavg())
         results.append(r)

@@ -108,6 +108,21 @@ def test_the_fast_config_is_nanogpts_plus_the_speedrun_ingredients():
     assert fast == built
 
 
+def test_the_ablation_takes_out_each_ingredient_and_adds_each_left_off_one():
+    from speedrun import INGREDIENTS, LEFT_OFF, ablation_rows
+
+    rows = dict(ablation_rows())
+    recipe = rows["recipe (all)"]
+    assert rows["nanoGPT config"] == [] and set(recipe) == {o for v in INGREDIENTS.values() for o in v}
+    for name, overrides in INGREDIENTS.items():
+        assert rows[f"+ {name}"] == overrides
+        assert set(rows[f"recipe - {name}"]) == set(recipe) - set(overrides)
+    for name, overrides in LEFT_OFF.items():
+        assert rows[f"recipe + {name}"] == [*recipe, *overrides]
+        assert not set(overrides) & set(recipe)  # left off means not in the recipe
+    assert len(rows) == 2 + 2 * len(INGREDIENTS) + len(LEFT_OFF)
+
+
 @pytest.mark.slow  # two training commands and a data preparation: ~15-40 s on 2 shared cores
 def test_speedrun_smoke(cli, tmp_path):
     text = tmp_path / "tiny.txt"
