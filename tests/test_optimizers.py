@@ -220,11 +220,12 @@ def test_two_process_fsdp_muon_matches_one_process_and_resumes_on_one(char_datas
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 1e-4)])
+@pytest.mark.parametrize("name, lr, atol", [("sgd", 0.05, 1e-6), ("rmsprop", 0.002, 2e-4)])
 def test_two_process_fsdp_elementwise_optimizers_match_one_process(name, lr, atol, char_dataset, tmp_path):
     # AdamW's FSDP run is test_distributed's; these keep their state per element of each rank's shard.
     # RMSprop's early steps are lr * g / (sqrt(0.05) |g| + eps): where |g| is near eps, the ranks' reduction-
-    # order rounding of g (~1e-9) moves the step by up to ~lr / 10, so weights agree to 1e-4 (a step: ~1e-2).
+    # order rounding of g (~1e-9) moves the step by up to ~lr / 10, so weights agree to lr / 10 = 2e-4 (a step:
+    # ~1e-2; 1e-4 failed at 1.005e-4 on one session's train/val split, which hashes the corpus's temporary path).
     common = [f"data.dir={char_dataset}", "train.eval_interval=4", f"optim.name={name}", f"optim.lr={lr}",
               "optim.momentum=0.5", "model.mlp_hidden=67", "optim.warmup_steps=2", "train.max_steps=4"]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
