@@ -21,6 +21,9 @@ Loading never runs pickled code: DCP's metadata is read with an unpickler that a
 DCP's metadata classes, non-tensor entries must pass `torch.load(weights_only=True)`, and the rest is
 `torch.load(weights_only=True)`, JSON or TOML. Every problem is a one-line `CheckpointError` naming the
 file.
+
+This module finds and loads checkpoints; checkpoint_save.py writes them, checkpoint_files.py reads their
+files safely and checks them against the record.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import torch.distributed as dist
 
 from lm.config.load import config_from_toml_text
 from lm.config.schema import Config, ConfigError, head_size, mlp_hidden_size
-from lm.training.checkpoint_files import (CKPT_DIR, RECORD, SMALL_FILES, CheckpointError, damage, dcp_load, first_line, rank, training_state)
+from lm.training.checkpoint_files import (CKPT_DIR, RECORD, SMALL_FILES, CheckpointError, damage, dcp_load,
+                                          first_line, rank, training_state)
 
 
 # ---- finding checkpoints ----------------------------------------------------------------------------

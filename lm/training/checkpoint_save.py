@@ -19,7 +19,8 @@ from lm.config.load import to_toml
 from lm.config.schema import Config
 from lm.files import fsync_dir
 from lm.training.checkpoint import step_dirs, step_number
-from lm.training.checkpoint_files import (CKPT_DIR, RECORD, CheckpointError, damage, describe, first_line, rank, training_state)
+from lm.training.checkpoint_files import (CKPT_DIR, RECORD, CheckpointError, damage, describe, first_line, rank,
+                                          training_state)
 
 
 def _all_gather(obj) -> list:
